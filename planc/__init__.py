@@ -1,0 +1,43 @@
+"""planc: a declarative pruning-plan compiler over torch.fx graphs.
+
+    plan = planc.load_plan("plans/digits-sapp.yaml")
+    pruned = planc.compile(model, plan, example_inputs)
+    ...train, calling pruned.step() after each optimizer step...
+    fast = planc.lower(pruned.bake(), backend="auto")
+
+The public names are imported lazily so that `import planc` stays cheap (the CLI's
+`validate` should not pay for torch.export).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from planc.errors import PlancError, PlanError, PassError, Problem  # noqa: F401
+
+
+def load_plan(source, *, file=None):
+    """A resolved, validated Plan from a path, YAML text or a dict. Raises PlanError."""
+    from planc.plan.load import load_plan as _load
+
+    return _load(source, file=file)
+
+
+def compile(model, plan, example_inputs=None, **kwargs):
+    """trace + select + insert_masks: a Pruned object (see planc.compile)."""
+    from planc.compile import compile as _compile
+
+    return _compile(model, plan, example_inputs, **kwargs)
+
+
+def lower(graph_module, backend: str = "auto", **kwargs):
+    """Rewrite baked pruned layers to block-sparse kernels (see planc.passes.lower)."""
+    from planc.passes.lower import lower as _lower
+
+    return _lower(graph_module, backend=backend, **kwargs)
+
+
+def load(run_dir):
+    """Rebuild the baked model of a run folder, with no pickle (see planc.runfolder)."""
+    from planc.runfolder import load as _load
+
+    return _load(run_dir)

@@ -1,0 +1,134 @@
+"""The block view of a weight: the one place that reshapes weights into block grids.
+
+A Linear weight (out, in) is the matrix R×C = out×in. A Conv2d weight (out, in, kh, kw)
+is viewed as (out, kh·kw·in) with the input channel fastest — `permute(0, 2, 3, 1)` —
+so that a block is a set of input channels at one kernel tap, and the column order is
+that of a channels-last im2col. With block (r, c) the grid is (ceil(R/r), ceil(C/c));
+edge blocks may be partial. Everything else in planc (masks, methods, kernels, reports)
+goes through a BlockView rather than reshaping weights by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BlockView:
+    weight_shape: Tuple[int, ...]   # (out, in) or (out, in, kh, kw)
+    block: Tuple[int, int]          # (r, c) rows × columns of the matrix view
+
+    def __post_init__(self):
+        if len(self.weight_shape) not in (2, 4):
+            raise ValueError(f"expected a 2-D (Linear) or 4-D (Conv2d) weight shape, got {tuple(self.weight_shape)}")
+        if len(self.block) != 2 or any(int(b) <= 0 for b in self.block):
+            raise ValueError(f"expected a block of two positive integers, got {list(self.block)}")
+
+    # ---- the matrix view ---------------------------------------------------------
+    @property
+    def is_conv(self) -> bool:
+        return len(self.weight_shape) == 4
+
+    @property
+    def matrix_shape(self) -> Tuple[int, int]:
+        if self.is_conv:
+            out, cin, kh, kw = self.weight_shape
+            return out, kh * kw * cin
+        return tuple(self.weight_shape)  # type: ignore[return-value]
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        (R, C), (r, c) = self.matrix_shape, self.block
+        return -(-R // r), -(-C // c)
+
+    @property
+    def num_blocks(self) -> int:
+        gr, gc = self.grid
+        return gr * gc
+
+    @property
+    def padded_shape(self) -> Tuple[int, int]:
+        (gr, gc), (r, c) = self.grid, self.block
+        return gr * r, gc * c
+
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in[, kh, kw]) -> (R, C). A view for Linear, a copy for Conv2d."""
+        self._check(weight)
+        return weight.permute(0, 2, 3, 1).flatten(1) if self.is_conv else weight
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        """(R, C) -> the weight's own shape (inverse of to_matrix)."""
+        if tuple(matrix.shape) != self.matrix_shape:
+            raise ValueError(f"expected a matrix of shape {self.matrix_shape}, got {tuple(matrix.shape)}")
+        if self.is_conv:
+            out, cin, kh, kw = self.weight_shape
+            return matrix.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
+        return matrix
+
+    # ---- blocks ------------------------------------------------------------------
+    def to_blocks(self, weight: torch.Tensor) -> torch.Tensor:
+        """(gr, gc, r, c): the weight's blocks, zero-padded at partial edges."""
+        (R, C), (Rp, Cp), (gr, gc), (r, c) = self.matrix_shape, self.padded_shape, self.grid, self.block
+        m = self.to_matrix(weight)
+        if (Rp, Cp) != (R, C):
+            m = F.pad(m, (0, Cp - C, 0, Rp - R))
+        return m.reshape(gr, r, gc, c).transpose(1, 2)
+
+    def from_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_blocks: (gr, gc, r, c) -> weight shape (padding dropped)."""
+        (R, C), (gr, gc), (r, c) = self.matrix_shape, self.grid, self.block
+        if tuple(blocks.shape) != (gr, gc, r, c):
+            raise ValueError(f"expected blocks of shape {(gr, gc, r, c)}, got {tuple(blocks.shape)}")
+        m = blocks.transpose(1, 2).reshape(gr * r, gc * c)[:R, :C]
+        return self.from_matrix(m.contiguous())
+
+    def block_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """(gr, gc) Frobenius norm of every block (padding contributes zero)."""
+        return self.to_blocks(weight).pow(2).sum(dim=(-1, -2)).sqrt()
+
+    def expand(self, grid: torch.Tensor) -> torch.Tensor:
+        """A per-block grid (gr, gc) -> a tensor of the weight's shape, each block's value
+        repeated over its entries. Differentiable, so it carries attention gradients."""
+        if tuple(grid.shape) != self.grid:
+            raise ValueError(f"expected a grid of shape {self.grid}, got {tuple(grid.shape)}")
+        (R, C), (r, c) = self.matrix_shape, self.block
+        m = grid.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)[:R, :C]
+        return self.from_matrix(m)
+
+    def _check(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != tuple(self.weight_shape):
+            raise ValueError(f"expected a weight of shape {tuple(self.weight_shape)}, got {tuple(weight.shape)}")
+
+    # ---- block-sparse row format ---------------------------------------------------
+    def to_bsr(self, weight: torch.Tensor, alive: torch.Tensor | None = None):
+        """Block compressed rows of the matrix view: (values (nnz, r, c), crow (gr+1,),
+        col (nnz,)), blocks in row-major order. `alive` (gr, gc) bool selects the blocks;
+        by default every block with a nonzero entry. Partial edge blocks are zero-padded."""
+        blocks = self.to_blocks(weight)
+        if alive is None:
+            alive = blocks.ne(0).any(dim=-1).any(dim=-1)
+        if tuple(alive.shape) != self.grid:
+            raise ValueError(f"expected an alive grid of shape {self.grid}, got {tuple(alive.shape)}")
+        alive = alive.to(torch.bool)
+        counts = alive.sum(dim=1)
+        crow = torch.zeros(self.grid[0] + 1, dtype=torch.int64, device=weight.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        rows, cols = alive.nonzero(as_tuple=True)
+        return blocks[rows, cols].contiguous(), crow, cols.to(torch.int64)
+
+    def from_bsr(self, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """Dense weight (the weight's own shape) from to_bsr's triple."""
+        (gr, gc), (r, c) = self.grid, self.block
+        blocks = values.new_zeros(gr, gc, r, c)
+        rows = torch.repeat_interleave(torch.arange(gr, device=values.device), crow[1:] - crow[:-1])
+        blocks[rows, col] = values
+        return self.from_blocks(blocks)
+
+
+def sparsify_grid_count(num_blocks: int, sparsity: float) -> int:
+    """How many blocks to prune so a layer of `num_blocks` reaches `sparsity`:
+    round to nearest, so every method lands on the same count for a layer."""
+    return int(round(num_blocks * float(sparsity)))

@@ -1,0 +1,99 @@
+"""BlockMask: the module every targeted weight flows through after insert_masks.
+
+It holds a bool `alive` grid (the support) and, in attention mode, a logits grid `L`.
+Its forward takes the raw weight and returns the effective weight:
+
+- attention (SequentialAttention++): W ⊙ expand(A · alive), A = n · softmax(L) over the
+  layer's n blocks, so that L = 0 gives A = 1 (the dense model); optionally clipped.
+  The softmax runs over *all* blocks, alive or not, so pruning a block never rescales
+  the others: a phase edge changes the function only by the blocks it prunes.
+- support (ACDC, magnitude): W ⊙ expand(alive).
+- powerprop: block variant V_b · ‖V_b‖_F (the group analogue of α = 2), element
+  variant V ⊙ |V|^(α−1); times the support.
+
+The mask never edits the weight; the runtime owns the support and keeps pruned raw
+weights at exactly zero (planc.runtime).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from planc.blocks import BlockView
+
+MODES = ("attention", "support", "powerprop")
+# The block norm's gradient is undefined at zero (a block pruned and revived at zero):
+# clamp its square so the gradient stays finite.
+_NORM_EPS = 1e-12
+
+
+class BlockMask(nn.Module):
+    def __init__(
+        self,
+        weight_shape: Tuple[int, ...],
+        block: Tuple[int, int],
+        mode: str = "attention",
+        *,
+        clip: Optional[Tuple[float, float]] = None,
+        alpha: float = 2.0,
+        granularity: str = "block",
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"expected mode in {MODES}, got {mode!r}")
+        if granularity not in ("block", "element"):
+            raise ValueError(f"expected granularity 'block' or 'element', got {granularity!r}")
+        self.view = BlockView(tuple(int(s) for s in weight_shape), (int(block[0]), int(block[1])))
+        self.mode = mode
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+        self.alpha = float(alpha)
+        self.granularity = granularity
+        self.register_buffer("alive", torch.ones(self.view.grid, dtype=torch.bool))
+        if mode == "attention":
+            self.logits = nn.Parameter(torch.zeros(self.view.grid))
+        else:
+            self.logits = None
+
+    # ---- views the runtime and reports use -----------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.view.num_blocks
+
+    @property
+    def density(self) -> float:
+        return float(self.alive.float().mean())
+
+    def attention(self) -> torch.Tensor:
+        """A = n · softmax(L) over all blocks, (gr, gc); clipped if the plan says so."""
+        if self.logits is None:
+            raise ValueError(f"attention weights exist only in attention mode, this mask is in {self.mode!r} mode")
+        n = self.logits.numel()
+        a = n * torch.softmax(self.logits.flatten(), dim=0).view_as(self.logits)
+        if self.clip is not None:
+            a = a.clamp(self.clip[0], self.clip[1])
+        return a
+
+    # ---- forward -----------------------------------------------------------------
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        support = self.alive.to(weight.dtype)
+        if self.mode == "attention":
+            return weight * self.view.expand(self.attention().to(weight.dtype) * support)
+        if self.mode == "support":
+            return weight * self.view.expand(support)
+        # powerprop
+        if self.granularity == "element":
+            return weight * weight.abs().pow(self.alpha - 1) * self.view.expand(support)
+        sq = self.view.to_blocks(weight).pow(2).sum(dim=(-1, -2))
+        norms = sq.clamp_min(_NORM_EPS).sqrt()
+        return weight * self.view.expand(norms * support)
+
+    @torch.no_grad()
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.forward(weight)
+
+    def extra_repr(self) -> str:
+        gr, gc = self.view.grid
+        return (f"mode={self.mode}, weight={tuple(self.view.weight_shape)}, block={self.view.block}, "
+                f"grid={gr}x{gc}, alive={int(self.alive.sum())}/{self.num_blocks}")

@@ -1,0 +1,162 @@
+"""The resolved plan: frozen dataclasses with every default filled and every preset
+expanded into explicit phases, so that everything downstream reads one typed object.
+
+The loader (planc.plan.load) builds these from YAML after schema and semantic checks;
+nothing else constructs them from untyped dicts. Key names mirror the plan file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+# The four methods of the SequentialAttention++ paper, by their plan names.
+METHODS = ("sequential_attention_pp", "acdc", "magnitude", "powerprop")
+# Phase kinds. dense: every block alive, nothing pruned (revived blocks restart at zero);
+# sparsify: prune gradually along `curve` to the layer's target by the phase's end;
+# sparse / finetune: reach the target at once at the phase start if not there yet
+# (a one-shot top-k), then hold the support fixed.
+PHASE_KINDS = ("dense", "sparsify", "sparse", "finetune")
+CURVES = ("exponential", "cubic")
+
+
+def _freeze(mapping: Mapping[str, Any] | None) -> Tuple[Tuple[str, Any], ...]:
+    return tuple(sorted((mapping or {}).items()))
+
+
+@dataclass(frozen=True)
+class Factory:
+    """An importable `module:callable` and its keyword arguments (a sorted tuple of pairs
+    so the dataclass stays hashable; `.kwargs_dict()` gives a dict)."""
+
+    path: str
+    kwargs: Tuple[Tuple[str, Any], ...] = ()
+
+    def kwargs_dict(self) -> dict:
+        return dict(self.kwargs)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    factory: Optional[Factory] = None                     # None: Python users pass a module
+    example_inputs: Tuple[Tuple[int, ...], ...] = ()      # float32 input shapes used to trace
+    input_dtype: str = "float32"                          # float32 | int64 (token ids)
+    frontend: str = "export"                              # export | symbolic | auto
+    dynamic_batch: bool = True
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule's condition; all given fields must hold. None means "any"."""
+
+    type: Optional[str] = None        # module class name: Linear, Conv2d, ...
+    name: Optional[str] = None        # fnmatch glob on the qualified name
+    position: Optional[str] = None    # first | last (in graph order among targets)
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    block: Tuple[int, int] = (16, 16)
+    sparsity: float = 0.9
+    min_blocks: int = 100
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: Match
+    skip: bool = False
+    block: Optional[Tuple[int, int]] = None      # None: inherit the defaults
+    sparsity: Optional[float] = None
+    min_blocks: Optional[int] = None
+    index: int = 0                               # its position in targets.rules
+
+
+@dataclass(frozen=True)
+class Targets:
+    defaults: TargetSettings = TargetSettings()
+    rules: Tuple[Rule, ...] = ()
+    budget: str = "per_layer"                    # per_layer (paper) | global
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str = "sequential_attention_pp"
+    # sequential_attention_pp
+    score: str = "attention"                     # attention | magnitude
+    c: float = 4.0                               # default constant of sparsify phases
+    update_every: int = 1                        # steps between pruning updates in sparsify
+    clip: Optional[Tuple[float, float]] = None   # clip the attention weights A to [lo, hi]
+    logits_lr: Optional[float] = None            # None: the weights' learning rate
+    logits_weight_decay: Optional[float] = None  # None: the weights' weight decay (paper)
+    # powerprop
+    alpha: float = 2.0
+    granularity: str = "block"                   # block (paper's block variant) | element
+    # magnitude
+    variant: str = "oneshot"                     # oneshot | gradual | pretrained
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str                                    # one of PHASE_KINDS
+    start: int                                   # first step of the phase (0-based)
+    steps: int
+    curve: Optional[str] = None                  # sparsify only: exponential | cubic
+    c: Optional[float] = None                    # exponential only
+    initial: float = 0.0                         # sparsify: fraction of the target at t=0
+    every: int = 1                               # sparsify: steps between pruning updates
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+@dataclass(frozen=True)
+class Schedule:
+    phases: Tuple[Phase, ...]
+    preset: Optional[str] = None                 # the preset they were expanded from
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].end if self.phases else 0
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str = "sgd"                            # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class Train:
+    data: Optional[Factory] = None               # returns (train_loader, eval_loader)
+    steps: int = 1000
+    optimizer: Optimizer = Optimizer()
+    lr_schedule: str = "constant"                # constant | cosine | linear
+    warmup_steps: int = 0
+    eval_every: int = 0                          # 0: only at the end
+    checkpoint_every: int = 0                    # 0: no checkpoints
+    loss: str = "cross_entropy"                  # cross_entropy | mse
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Lower:
+    backend: str = "auto"                        # auto | triton | cpu | dense
+    dtype: Optional[str] = None                  # None: keep the model's dtype
+    min_speedup: float = 1.0                     # lower a layer only if predicted faster
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int = 1
+    name: str = "plan"
+    model: ModelSpec = ModelSpec()
+    targets: Targets = Targets()
+    method: Method = Method()
+    schedule: Schedule = Schedule(phases=())
+    train: Train = Train()
+    lower: Lower = Lower()
+    output: Optional[str] = None
+    source: Optional[str] = field(default=None, compare=False)   # file it came from
