@@ -10,6 +10,7 @@ goes through a BlockView rather than reshaping weights by hand.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Tuple
 
 import torch
@@ -129,6 +130,10 @@ class BlockView:
 
 
 def sparsify_grid_count(num_blocks: int, sparsity: float) -> int:
-    """How many blocks to prune so a layer of `num_blocks` reaches `sparsity`:
-    round to nearest, so every method lands on the same count for a layer."""
-    return int(round(num_blocks * float(sparsity)))
+    """How many blocks to prune so a layer of `num_blocks` reaches `sparsity`.
+
+    One rule for every method, so they land on the same count for a layer: keep
+    round-half-up(n·(1−s)) blocks, and always at least one (a sparsity below 1 never
+    empties a layer; Python's round() would, at 9.5 → 10 of 10)."""
+    keep = max(1, math.floor(num_blocks * (1.0 - float(sparsity)) + 0.5))
+    return max(0, num_blocks - keep) if sparsity > 0 else 0

@@ -1,0 +1,90 @@
+"""The block view: grids, partial edge blocks, the conv column order, BSR round trips."""
+import pytest
+import torch
+
+from planc.blocks import BlockView, sparsify_grid_count
+
+SHAPES = [((10, 7), (4, 3)), ((32, 48), (16, 16)), ((6, 5, 3, 3), (4, 5)), ((8, 2, 1, 1), (8, 2))]
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+def test_blocks_round_trip_and_grid(shape, block):
+    view = BlockView(shape, block)
+    w = torch.randn(shape)
+    R, C = view.matrix_shape
+    assert view.grid == (-(-R // block[0]), -(-C // block[1]))
+    assert torch.equal(view.from_blocks(view.to_blocks(w)), w)
+    assert torch.equal(view.from_matrix(view.to_matrix(w)), w)
+
+
+def test_conv_view_puts_input_channel_fastest():
+    # weight[o, i, y, x] must land at column (y*kw + x)*cin + i of the matrix view
+    out, cin, kh, kw = 3, 4, 2, 3
+    w = torch.arange(out * cin * kh * kw, dtype=torch.float32).reshape(out, cin, kh, kw)
+    m = BlockView(w.shape, (1, cin)).to_matrix(w)
+    for o in range(out):
+        for i in range(cin):
+            for y in range(kh):
+                for x in range(kw):
+                    assert m[o, (y * kw + x) * cin + i] == w[o, i, y, x]
+    # with block width cin, a block is exactly the input channels at one kernel tap
+    blocks = BlockView(w.shape, (1, cin)).to_blocks(w)
+    assert torch.equal(blocks[0, 4, 0], w[0, :, 1, 1])
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+def test_block_norms_match_a_direct_loop(shape, block):
+    view = BlockView(shape, block)
+    w = torch.randn(shape, dtype=torch.float64)
+    m = view.to_matrix(w)
+    r, c = block
+    norms = view.block_norms(w)
+    for i in range(view.grid[0]):
+        for j in range(view.grid[1]):
+            ref = m[i * r:(i + 1) * r, j * c:(j + 1) * c].norm()
+            assert torch.isclose(norms[i, j], ref)
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+def test_expand_and_bsr_agree_on_the_support(shape, block):
+    view = BlockView(shape, block)
+    g = torch.Generator().manual_seed(0)
+    alive = torch.rand(view.grid, generator=g) > 0.5
+    w = torch.randn(shape, generator=g) * view.expand(alive.float())
+    assert torch.equal(view.block_norms(w) > 0, alive)
+    values, crow, col = view.to_bsr(w, alive)
+    assert values.shape == (int(alive.sum()), *block)
+    assert int(crow[-1]) == int(alive.sum())
+    assert torch.equal(view.from_bsr(values, crow, col), w)
+    # default support: blocks with any nonzero entry
+    assert torch.equal(view.from_bsr(*view.to_bsr(w)), w)
+
+
+def test_expand_is_differentiable():
+    view = BlockView((4, 6), (2, 3))
+    grid = torch.ones(view.grid, requires_grad=True)
+    (view.expand(grid) * torch.arange(24.0).reshape(4, 6)).sum().backward()
+    assert grid.grad.shape == view.grid and grid.grad[0, 0] == 0 + 1 + 2 + 6 + 7 + 8
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(weight_shape=(3,), block=(1, 1)), "2-D"),
+    (dict(weight_shape=(4, 4), block=(0, 2)), "two positive integers"),
+    (dict(weight_shape=(4, 4), block=(2,)), "two positive integers"),
+])
+def test_bad_views_say_what_was_expected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        BlockView(**bad)
+
+
+def test_wrong_weight_shape_is_named():
+    with pytest.raises(ValueError, match=r"expected a weight of shape \(4, 4\), got \(4, 5\)"):
+        BlockView((4, 4), (2, 2)).to_blocks(torch.zeros(4, 5))
+
+
+def test_sparsify_grid_count_keeps_round_half_up_and_at_least_one_block():
+    assert sparsify_grid_count(1024, 0.9) == 1024 - 102      # keep round(102.4) = 102
+    assert sparsify_grid_count(10, 0.95) == 9                # keep 0.5 -> 1, never 0
+    assert sparsify_grid_count(10, 0.85) == 8                # keep 1.5 -> 2 (half up)
+    assert sparsify_grid_count(4, 0.999) == 3
+    assert sparsify_grid_count(7, 0.0) == 0
