@@ -1,0 +1,100 @@
+"""Show a resolved plan: its settings, the expanded phase table and, when the plan names
+a model factory, the layer table (and with --graph the rewritten graph).
+
+The phase table gives each phase's steps [start, end), its curve, and the sparsity the
+schedule asks for at both edges, as a fraction of each layer's target and as the
+sparsity that gives with the plan's default target."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Sequence
+
+from planc.plan.types import Plan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="plan file (YAML)")
+    parser.add_argument("--graph", action="store_true", help="also print the rewritten fx graph (needs model.factory)")
+    parser.add_argument("--no-layers", action="store_true", help="skip the layer table (does not build the model)")
+
+
+def table(header: Sequence[str], rows: List[Sequence[object]], right: Sequence[bool]) -> List[str]:
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) if right[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return [fmt(r).rstrip() for r in cells]
+
+
+def _kwargs(pairs) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in pairs)
+
+
+def phase_table(plan: Plan) -> List[str]:
+    from planc.plan.presets import target_fraction
+
+    s = plan.targets.defaults.sparsity
+    rows = []
+    for i, p in enumerate(plan.schedule.phases):
+        f0, f1 = target_fraction(p, at_end=False), target_fraction(p, at_end=True)
+        curve = "-" if p.kind != "sparsify" else (f"{p.curve} c={p.c:g}" if p.c is not None else p.curve)
+        every = p.every if p.kind == "sparsify" else "-"
+        rows.append((i, p.kind, p.start, p.end, p.steps, curve, every,
+                     f"{f0:.2f} -> {f1:.2f}", f"{f0 * s:.3f} -> {f1 * s:.3f}"))
+    return table(("#", "phase", "start", "end", "steps", "curve", "every", "of target", f"sparsity @{s:g}"),
+                 rows, (True, False, True, True, True, False, True, False, False))
+
+
+def summary(plan: Plan) -> List[str]:
+    m, t, d, tr = plan.model, plan.targets, plan.targets.defaults, plan.train
+    keys = {"sequential_attention_pp": ("score", "c", "update_every", "clip", "logits_lr", "logits_weight_decay"),
+            "magnitude": ("variant", "update_every"), "powerprop": ("alpha", "granularity")}.get(plan.method.name, ())
+    method = " ".join(f"{k}={getattr(plan.method, k)}" for k in keys if getattr(plan.method, k) is not None)
+    lines = [f"plan     {plan.name}" + (f"  ({plan.source})" if plan.source else ""),
+             f"method   {plan.method.name}" + (f"  {method}" if method else "")]
+    if m.factory:
+        lines.append(f"model    {m.factory.path}({_kwargs(m.factory.kwargs)})  inputs {[list(x) for x in m.example_inputs]}"
+                     f" {m.input_dtype}  frontend {m.frontend}")
+    else:
+        lines.append("model    (none: Python users pass a module to planc.compile)")
+    lines.append(f"targets  block {d.block[0]}x{d.block[1]}  sparsity {d.sparsity:g}  min_blocks {d.min_blocks}"
+                 f"  budget {t.budget}")
+    for r in t.rules:
+        cond = " ".join(f"{k}={v}" for k, v in (("type", r.match.type), ("name", r.match.name),
+                                                   ("position", r.match.position)) if v is not None) or "(any)"
+        what = "skip" if r.skip else " ".join(
+            f"{k} {v}" for k, v in (("block", r.block and f"{r.block[0]}x{r.block[1]}"), ("sparsity", r.sparsity),
+                                    ("min_blocks", r.min_blocks)) if v is not None) or "defaults"
+        lines.append(f"  rule {r.index}: {cond} -> {what}")
+    o = tr.optimizer
+    opt = f"{o.name} lr {o.lr:g}" + (f" momentum {o.momentum:g}" if o.name == "sgd" else f" betas {list(o.betas)}")
+    lines.append(f"train    {tr.steps} steps  {opt} weight_decay {o.weight_decay:g}  lr {tr.lr_schedule}"
+                 f" (warmup {tr.warmup_steps})  eval_every {tr.eval_every or 'end'}  seed {tr.seed}")
+    if tr.data:
+        lines.append(f"data     {tr.data.path}({_kwargs(tr.data.kwargs)})")
+    lines.append(f"lower    backend {plan.lower.backend}" + (f"  dtype {plan.lower.dtype}" if plan.lower.dtype else ""))
+    if plan.output:
+        lines.append(f"output   {plan.output}")
+    sched = plan.schedule
+    lines += ["", f"schedule {'preset ' + sched.preset if sched.preset else 'explicit phases'}: "
+              f"{len(sched.phases)} phases, {sched.total_steps} steps"]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from planc.plan.load import load_plan
+
+    plan = load_plan(args.plan)
+    print("\n".join(summary(plan) + phase_table(plan)))
+    if args.no_layers:
+        return 0
+    if plan.model.factory is None:
+        if args.graph:
+            print("\n(no model.factory: the layer table and graph need a model; use planc.compile from Python)")
+        return 0
+    try:
+        from planc.explain import layer_report
+    except ImportError:               # the layer table arrives with planc.explain
+        return 0
+    print()
+    print(layer_report(plan, show_graph=args.graph))
+    return 0

@@ -1,0 +1,388 @@
+"""Load a plan: read (path, YAML text or dict), validate against the shipped JSON Schema,
+check what a schema cannot say, and resolve into planc.plan.types.Plan.
+
+Every problem is reported at once, one line each, at its YAML position
+(`file:line:col: path: message`); the only exception this module raises on bad input is
+PlanError. Factories are never imported here: validating a plan must not run its code.
+
+A plan that passes, and one that fails (the tests run these examples):
+
+PASS:
+    version: 1
+    method: {name: acdc}
+    targets: {defaults: {block: [8, 8], sparsity: 0.95}}
+    train: {steps: 2000}
+
+FAIL:
+    version: 1
+    method: {name: acdc, c: 4}
+    targets: {defaults: {block: [16], sparsity: 1.5}}
+    train: {steps: 2000, optimiser: {lr: 0.1}}
+    => <plan>:2:22: method.c: key 'c' does not apply to method acdc (it takes no keys besides name)
+    => <plan>:3:29: targets.defaults.block: expected two positive integers, got [16]
+    => <plan>:3:45: targets.defaults.sparsity: expected a sparsity in [0, 1), got 1.5
+    => <plan>:4:22: train.optimiser: unknown key 'optimiser', did you mean 'optimizer'?
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple, Union
+
+from planc.errors import PlanError, Problem
+from planc.plan import presets
+from planc.plan.positions import PathT, Positions, decode, parse
+from planc.plan.schema import describe, non_finite, schema_problems, suggest
+from planc.plan.types import (
+    Factory, Lower, Match, Method, ModelSpec, Optimizer, Phase, Plan, Rule, Schedule,
+    TargetSettings, Targets, Train, _freeze,
+)
+
+Source = Union[str, os.PathLike, bytes, Mapping[str, Any], Plan]
+
+# The keys each method accepts besides `name` (the schema says the same; kept here for
+# resolution and the docs' table).
+METHOD_KEYS = {
+    "sequential_attention_pp": ("score", "c", "update_every", "clip", "logits_lr", "logits_weight_decay"),
+    "acdc": (),
+    "magnitude": ("variant", "update_every"),
+    "powerprop": ("alpha", "granularity"),
+}
+SPARSIFY_ONLY = ("curve", "c", "initial", "every")
+
+
+def load_plan(source: Source, *, file: Optional[str] = None) -> Plan:
+    """A resolved, validated Plan from a path, YAML text (str or bytes), a dict, or a
+    Plan (returned as is). `file` names the source in messages. Raises PlanError with
+    every problem found."""
+    if isinstance(source, Plan):
+        return source
+    data, pos, problems, origin = read(source, file=file)
+    if data is None:
+        raise PlanError(problems)
+    problems = check(data, pos, problems)
+    if problems:
+        raise PlanError(problems)
+    return resolve(data, origin=origin)
+
+
+def read(source: Source, *, file: Optional[str] = None) -> Tuple[Any, Positions, List[Problem], Optional[str]]:
+    """(data, positions, problems, origin path) without validating. data is None when
+    the source is not a YAML document at all."""
+    if isinstance(source, Mapping):
+        label = file or "<plan>"
+        return _plain(dict(source)), Positions(file=label), [], None
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
+        path = Path(source)
+        label = file or str(source)
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            return None, Positions(file=label), [Problem(f"cannot read plan: {err.strerror or err}", "", label)], str(path)
+        text, problems = decode(raw, label)
+        if problems:
+            return None, Positions(file=label), problems, str(path)
+        return (*parse(text, label), str(path))
+    label = file or "<plan>"
+    if isinstance(source, (bytes, bytearray)):
+        text, problems = decode(bytes(source), label)
+        if problems:
+            return None, Positions(file=label), problems, None
+        source = text
+    if not isinstance(source, str):
+        raise TypeError(f"expected a path, YAML text, a dict or a Plan, got {type(source).__name__}")
+    return (*parse(source, label), None)
+
+
+def _looks_like_path(text: str) -> bool:
+    # YAML text of a plan always has a newline or a `key: value`; a path has neither
+    # (a bare filename that does not exist is still a path: "cannot read" beats
+    # "expected a mapping, got 'x.yaml'").
+    if "\n" in text or not text.strip():
+        return False
+    return text.endswith((".yaml", ".yml", ".json")) or os.path.exists(text) or ": " not in text and "/" in text
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, so a dict built in Python validates like the same YAML."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---- checks ------------------------------------------------------------------------
+
+def check(data: Any, pos: Positions, problems: List[Problem] = ()) -> List[Problem]:
+    """Every problem of a parsed document: the parser's, the schema's, then the rules a
+    schema cannot express. Sorted in file order; later problems at a path that already
+    has one (e.g. a bad tag that became null) are dropped."""
+    problems = list(problems)
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else describe(data)
+        problems.append(pos.problem((), f"expected a mapping of plan sections, got {kind}"))
+        return _ordered(problems)
+    bad = {p.path for p in problems}
+    for p in schema_problems(data, pos) + semantic_problems(data, pos):
+        if not any(p.path == b or p.path.startswith(b + ".") or p.path.startswith(b + "[") for b in bad if b):
+            problems.append(p)
+    if not problems:
+        problems = lock_problems(data, pos)     # needs a valid plan: it expands the preset
+    return _ordered(problems)
+
+
+def lock_problems(data: dict, pos: Positions) -> List[Problem]:
+    """A schedule with both `preset` and `phases` (as `dump` writes it) is a lock: the
+    phases must be exactly the preset's expansion, else the label would lie."""
+    schedule = data.get("schedule", {})
+    if "preset" not in schedule or "phases" not in schedule:
+        return []
+    got = _phases(data, schedule["phases"])
+    total = sum(p.steps for p in got)
+    method, preset = data["method"]["name"], schedule["preset"]
+    try:
+        expected = presets.expand(method, preset, total, c=_method_c(data), every=_method_every(data))
+    except ValueError:
+        expected = ()
+    if got == expected:
+        return []
+    i = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    path = ("schedule", "phases", i) if i < len(got) else ("schedule", "phases")
+    return [pos.problem(path, f"phases differ from preset {preset!r} expanded over {total} steps"
+                        f" (first at phases[{i}]); give either preset or phases")]
+
+
+def _ordered(problems: List[Problem]) -> List[Problem]:
+    unique = list(dict.fromkeys(problems))
+    return sorted(unique, key=lambda p: (p.line, p.col))      # stable: same place keeps order
+
+
+def _get(data: Any, *path, kind=None) -> Any:
+    """data[path...] if present and of `kind`, else None (checks run on invalid plans
+    too, so they must never assume a type the schema has not confirmed)."""
+    for part in path:
+        if isinstance(part, int):
+            if not isinstance(data, list) or part >= len(data):
+                return None
+        elif not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    if kind is not None and (not isinstance(data, kind) or isinstance(data, bool) and kind is not bool):
+        return None
+    return data
+
+
+def _steps_int(value: Any) -> Optional[int]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return int(value) if float(value).is_integer() and value >= 0 else None
+
+
+def semantic_problems(data: dict, pos: Positions) -> List[Problem]:
+    out: List[Problem] = []
+    add = lambda path, msg, key=False: out.append(pos.problem(path, msg, key=key))  # noqa: E731
+
+    for path, value in non_finite(data):
+        add(path, f"expected a finite number, got {value}")
+
+    method = _get(data, "method", "name", kind=str)
+    method = method if method in presets.PRESETS else None
+    schedule = _get(data, "schedule", kind=dict) or {}
+    preset = _get(schedule, "preset", kind=str)
+    phases = _get(schedule, "phases", kind=list)
+    steps_given = _get(data, "train", "steps") is not None
+    steps = _steps_int(_get(data, "train", "steps")) if steps_given else Train().steps
+
+    # -- method and preset
+    variant = _get(data, "method", "variant", kind=str)
+    if method and preset is not None:
+        names = list(presets.PRESETS[method])
+        if preset not in names:
+            add(("schedule", "preset"), f"method {method} has no preset {preset!r}{suggest(preset, names)}"
+                f" (its presets: {', '.join(names)})")
+            preset = None
+        elif method == "magnitude" and variant and variant != preset:
+            add(("method", "variant"), f"variant {variant!r} contradicts schedule.preset {preset!r}"
+                " (give one of them)")
+    if method == "sequential_attention_pp":
+        clip = _get(data, "method", "clip", kind=list)
+        if clip and len(clip) == 2 and all(isinstance(v, (int, float)) for v in clip) and not clip[0] < clip[1]:
+            add(("method", "clip"), f"expected low < high, got {describe(clip)}")
+
+    # -- the schedule against train.steps
+    if method and phases is None and steps is not None:
+        name = preset or (variant if method == "magnitude" and variant else presets.default_preset(method))
+        if name in presets.PRESETS[method]:
+            need = presets.min_steps(method, name)
+            try:
+                presets.expand(method, name, steps)
+            except ValueError:
+                where = ("train", "steps") if steps_given else ("schedule", "preset") if preset else ("method", "name")
+                add(where, f"train.steps = {steps} is too short for preset {name!r} of {method}: some phase"
+                    f" would get no step (use at least {need} steps, or schedule.phases)")
+    if phases is not None:
+        total, known = 0, True
+        for i, ph in enumerate(phases):
+            if not isinstance(ph, dict):
+                known = False
+                continue
+            kind = ph.get("phase")
+            n = _steps_int(ph.get("steps"))
+            total, known = total + (n or 0), known and n is not None
+            if isinstance(kind, str) and kind != "sparsify":
+                for key in SPARSIFY_ONLY:
+                    if key in ph:
+                        add(("schedule", "phases", i, key), f"{key!r} applies to sparsify phases only, not {kind}",
+                            key=True)
+            elif kind == "sparsify" and ph.get("curve") == "cubic" and "c" in ph:
+                add(("schedule", "phases", i, "c"), "'c' applies to the exponential curve only, not cubic", key=True)
+        if known and steps_given and steps is not None and total != steps:
+            longer = "longer" if total > steps else "shorter"
+            add(("schedule", "phases"), f"phases total {total} steps, {longer} than train.steps = {steps}"
+                " (make them equal, or leave train.steps out)")
+
+    # -- targets
+    for i, rule in enumerate(_get(data, "targets", "rules", kind=list) or []):
+        if isinstance(rule, dict) and rule.get("skip") is True:
+            for key in ("block", "sparsity", "min_blocks"):
+                if key in rule:
+                    add(("targets", "rules", i, key), f"a skipped layer stays dense: {key!r} has no effect", key=True)
+
+    # -- model, train
+    model = _get(data, "model", kind=dict) or {}
+    if "kwargs" in model and "factory" not in model:
+        add(("model", "kwargs"), "kwargs without a factory: add model.factory", key=True)
+    if "factory" in model and "example_inputs" not in model:
+        add(("model",), "model.factory needs model.example_inputs (the input shapes used to trace)")
+    opt = _get(data, "train", "optimizer", kind=dict) or {}
+    opt_name = opt.get("name", Optimizer().name)
+    if opt_name == "sgd" and "betas" in opt:
+        add(("train", "optimizer", "betas"), "betas apply to adam and adamw, not sgd", key=True)
+    if opt_name in ("adam", "adamw") and "momentum" in opt:
+        add(("train", "optimizer", "momentum"), f"momentum applies to sgd, not {opt_name} (use betas)", key=True)
+    warm = _steps_int(_get(data, "train", "warmup_steps"))
+    if warm is not None and steps is not None and warm > steps:
+        add(("train", "warmup_steps"), f"warmup_steps = {warm} is longer than train.steps = {steps}")
+    return out
+
+
+def _method_c(data: dict) -> float:
+    c = _get(data, "method", "c")
+    return float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else Method().c
+
+
+def _method_every(data: dict) -> int:
+    e = _get(data, "method", "update_every")
+    return int(e) if isinstance(e, (int, float)) and not isinstance(e, bool) else Method().update_every
+
+
+# ---- resolution (only on valid data) -----------------------------------------------
+
+def _phases(data: dict, raw: List[dict]) -> Tuple[Phase, ...]:
+    c, every, start, out = _method_c(data), _method_every(data), 0, []
+    for ph in raw:
+        kind, n = ph["phase"], int(ph["steps"])
+        if kind == "sparsify":
+            curve = ph.get("curve", "exponential")
+            out.append(Phase(kind, start, n, curve=curve,
+                             c=float(ph.get("c", c)) if curve == "exponential" else None,
+                             initial=float(ph.get("initial", 0.0)), every=int(ph.get("every", every))))
+        else:
+            out.append(Phase(kind, start, n))
+        start += n
+    return tuple(out)
+
+
+def _factory(raw: Optional[dict], path_key: str = "factory") -> Optional[Factory]:
+    if not raw or path_key not in raw:
+        return None
+    return Factory(raw[path_key], _freeze(raw.get("kwargs")))
+
+
+def _pair(value, cast):
+    return None if value is None else (cast(value[0]), cast(value[1]))
+
+
+def resolve(data: dict, *, origin: Optional[str] = None) -> Plan:
+    """Valid plan data → Plan, defaults filled and presets expanded. Call check() first."""
+    model_raw = data.get("model", {})
+    d = ModelSpec()
+    model = ModelSpec(
+        factory=_factory({"factory": model_raw["factory"], "kwargs": model_raw.get("kwargs")})
+        if "factory" in model_raw else None,
+        example_inputs=tuple(tuple(int(n) for n in shape) for shape in model_raw.get("example_inputs", ())),
+        input_dtype=model_raw.get("input_dtype", d.input_dtype),
+        frontend=model_raw.get("frontend", d.frontend),
+        dynamic_batch=bool(model_raw.get("dynamic_batch", d.dynamic_batch)),
+    )
+
+    t_raw = data.get("targets", {})
+    dd, ds = t_raw.get("defaults", {}), TargetSettings()
+    defaults = TargetSettings(
+        block=_pair(dd.get("block", ds.block), int),
+        sparsity=float(dd.get("sparsity", ds.sparsity)),
+        min_blocks=int(dd.get("min_blocks", ds.min_blocks)),
+    )
+    rules = tuple(
+        Rule(match=Match(**{k: r["match"].get(k) for k in ("type", "name", "position")}),
+             skip=bool(r.get("skip", False)),
+             block=_pair(r.get("block"), int),
+             sparsity=float(r["sparsity"]) if "sparsity" in r else None,
+             min_blocks=int(r["min_blocks"]) if "min_blocks" in r else None,
+             index=i)
+        for i, r in enumerate(t_raw.get("rules", ()))
+    )
+    targets = Targets(defaults=defaults, rules=rules, budget=t_raw.get("budget", Targets().budget))
+
+    m_raw, dm = data["method"], Method()
+    name = m_raw["name"]
+    s_raw = data.get("schedule", {})
+    preset = s_raw.get("preset")
+    if name == "magnitude" and preset is None and "phases" not in s_raw:
+        preset = m_raw.get("variant", dm.variant)
+    kwargs = {k: m_raw[k] for k in METHOD_KEYS[name] if k in m_raw}
+    for k in ("c", "alpha", "logits_lr", "logits_weight_decay"):
+        if kwargs.get(k) is not None:
+            kwargs[k] = float(kwargs[k])
+    if "update_every" in kwargs:
+        kwargs["update_every"] = int(kwargs["update_every"])
+    if "clip" in kwargs:
+        kwargs["clip"] = _pair(kwargs["clip"], float)
+    if name == "magnitude" and preset in ("oneshot", "gradual", "pretrained"):
+        kwargs.setdefault("variant", preset)
+    method = Method(name=name, **kwargs)
+
+    tr, dt = data.get("train", {}), Train()
+    if "phases" in s_raw:
+        phases = _phases(data, s_raw["phases"])
+        steps = int(tr.get("steps", sum(p.steps for p in phases)))
+    else:
+        steps = int(tr.get("steps", dt.steps))
+        preset = preset or presets.default_preset(name)
+        phases = presets.expand(name, preset, steps, c=method.c, every=method.update_every)
+    schedule = Schedule(phases=phases, preset=preset)
+
+    o, do = tr.get("optimizer", {}), Optimizer()
+    optimizer = Optimizer(
+        name=o.get("name", do.name), lr=float(o.get("lr", do.lr)),
+        momentum=float(o.get("momentum", do.momentum)),
+        weight_decay=float(o.get("weight_decay", do.weight_decay)),
+        betas=_pair(o.get("betas", do.betas), float),
+    )
+    train = Train(
+        data=_factory(tr.get("data")), steps=steps, optimizer=optimizer,
+        lr_schedule=tr.get("lr_schedule", dt.lr_schedule),
+        warmup_steps=int(tr.get("warmup_steps", dt.warmup_steps)),
+        eval_every=int(tr.get("eval_every", dt.eval_every)),
+        checkpoint_every=int(tr.get("checkpoint_every", dt.checkpoint_every)),
+        loss=tr.get("loss", dt.loss), seed=int(tr.get("seed", dt.seed)),
+    )
+    lw, dl = data.get("lower", {}), Lower()
+    lower = Lower(backend=lw.get("backend", dl.backend), dtype=lw.get("dtype", dl.dtype),
+                  min_speedup=float(lw.get("min_speedup", dl.min_speedup)))
+
+    default_name = Path(origin).stem if origin else Plan().name
+    return Plan(version=int(data["version"]), name=data.get("name", default_name), model=model,
+                targets=targets, method=method, schedule=schedule, train=train, lower=lower,
+                output=data.get("output"), source=origin)
