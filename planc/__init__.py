@@ -23,8 +23,8 @@ def load_plan(source, *, file=None):
 
 
 def compile(model, plan, example_inputs=None, **kwargs):
-    """trace + select + insert_masks: a Pruned object (see planc.compile)."""
-    from planc.compile import compile as _compile
+    """trace + select + insert_masks: a Pruned object (see planc.pruned)."""
+    from planc.pruned import compile as _compile
 
     return _compile(model, plan, example_inputs, **kwargs)
 

@@ -1,0 +1,407 @@
+"""trace: an nn.Module and example inputs -> an fx GraphModule that behaves like it.
+
+Frontends (design.md, "Tracing real models"):
+
+- `export` (default): `torch.export.export(strict=False)` with the batch dimension of
+  every tensor input, and the sequence dimension of 2-D integer (token id) inputs, left
+  free (`Dim.AUTO`, so export never fails for a dimension it has to specialise).
+- `symbolic`: `torch.fx.symbolic_trace` with leaf modules of the caller's choosing.
+- `auto`: export, then symbolic, then the largest traceable submodules: the model is
+  copied, every largest child subtree that symbolic_trace can trace (and that applies a
+  weight) is replaced by its GraphModule, and the result is wrapped in a GraphModule that
+  calls the copy as `module` (later passes walk nested GraphModules; names then carry a
+  `module.` prefix, which rules ignore as they ignore DDP's).
+
+Train and eval mode. `ExportedProgram.module()` refuses `.train()`/`.eval()` (torch 2.13
+raises NotImplementedError) and bakes the mode it was exported in into the graph:
+`aten.dropout(x, p, True)`, `aten.batch_norm(..., training=True, ...)` plus an
+`add_` on num_batches_tracked, `scaled_dot_product_attention(..., dropout_p)` (transformers
+picks dropout_p from self.training). So this pass exports in *train* mode — where every
+mode-dependent op is present — and rewrites those ops into small modules under
+`planc_modes` that read `self.training`, then returns a plain GraphModule (train/eval
+work, the mode of the original model is kept). With `check=True` (default) the traced
+module is run against the original on the example inputs in eval mode and, with one RNG
+seed, in train mode (buffers restored afterwards); a mismatch — mode-dependent Python
+control flow this rewrite cannot see — is a TraceError (and `auto` moves on).
+
+Parameters and buffers are shared with the original model, as symbolic_trace and
+torch.export both do: the passes after this one rewrite the graph, not the model.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from planc.errors import TraceError
+
+from .nodes import weight_uses
+
+FRONTENDS = ("export", "symbolic", "auto")
+aten = torch.ops.aten
+
+# ops whose signature is (input, p, train) and that export records with train baked in
+_DROPOUTS = {
+    aten.dropout.default: "dropout",
+    aten.feature_dropout.default: "feature_dropout",
+    aten.alpha_dropout.default: "alpha_dropout",
+    aten.feature_alpha_dropout.default: "feature_alpha_dropout",
+}
+_CHECK_RTOL, _CHECK_ATOL = 1e-4, 1e-5
+
+
+# ---- the modules that make an exported graph follow .train()/.eval() -----------------
+
+class TrainDropout(nn.Module):
+    """An exported dropout op that follows the module's mode."""
+
+    def __init__(self, kind: str, p: float):
+        super().__init__()
+        self.kind, self.p = kind, float(p)
+
+    def forward(self, x):
+        return getattr(torch.ops.aten, self.kind).default(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, p={self.p}"
+
+
+class TrainBatchNorm(nn.Module):
+    """An exported batch_norm: batch statistics and running-stat updates in train mode,
+    running statistics in eval mode (as nn.BatchNorm does). The tensors stay where
+    export put them (get_attr inputs), so the state dict does not change."""
+
+    def __init__(self, momentum: float, eps: float):
+        super().__init__()
+        self.momentum, self.eps = float(momentum), float(eps)
+
+    def forward(self, x, weight, bias, running_mean, running_var, num_batches_tracked=None):
+        if self.training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        use_batch_stats = self.training or running_mean is None
+        return F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, eps={self.eps}"
+
+
+class TrainSDPA(nn.Module):
+    """scaled_dot_product_attention whose attention dropout applies in train mode only."""
+
+    def __init__(self, dropout_p: float):
+        super().__init__()
+        self.dropout_p = float(dropout_p)
+
+    def forward(self, q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+        p = self.dropout_p if self.training else 0.0
+        return aten.scaled_dot_product_attention.default(q, k, v, attn_mask, p, is_causal,
+                                                          scale=scale, enable_gqa=enable_gqa)
+
+    def extra_repr(self) -> str:
+        return f"dropout_p={self.dropout_p}"
+
+
+# ---- entry points ---------------------------------------------------------------------
+
+def trace(model: nn.Module, example_inputs: Any = (), *, frontend: str = "export", dynamic: bool = True,
+          dynamic_shapes: Any = None, leaf_modules: Iterable[Any] = (), check: bool = True) -> fx.GraphModule:
+    """Trace `model` into a GraphModule with the chosen frontend (see the module doc).
+
+    example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    dynamic: leave batch (and token sequence) dimensions free (export only).
+    dynamic_shapes: an explicit torch.export dynamic_shapes spec (overrides `dynamic`).
+    leaf_modules: module classes or qualified names symbolic_trace must not enter.
+    check: run the trace against the model on the example inputs, in both modes.
+    Raises TraceError naming the module and the reason when nothing traces."""
+    if frontend not in FRONTENDS:
+        raise TraceError(f"unknown frontend {frontend!r}: expected one of {', '.join(FRONTENDS)}")
+    if isinstance(model, fx.GraphModule):
+        return model                     # already a graph: the later passes work on it as is
+    args, kwargs = _split_inputs(example_inputs)
+    leaves = tuple(leaf_modules)
+    name = type(model).__name__
+    attempts = {
+        "export": lambda: _export(model, args, kwargs, dynamic, dynamic_shapes),
+        "symbolic": lambda: _symbolic(model, leaves),
+        "submodules": lambda: _submodules(model, leaves),
+    }
+    order = {"export": ["export"], "symbolic": ["symbolic"], "auto": ["export", "symbolic", "submodules"]}[frontend]
+    reasons: List[str] = []
+    for how in order:
+        try:
+            gm = attempts[how]()
+            if check and (args or kwargs):
+                _check(model, gm, args, kwargs, how)
+            return gm
+        except TraceError as err:
+            reasons.append(str(err))
+        except Exception as err:   # the frontends raise anything; keep the first line
+            reasons.append(f"{how}: {type(err).__name__}: {_first_line(err)}")
+    raise TraceError(f"could not trace {name} ({frontend} frontend): " + "; ".join(reasons))
+
+
+def trace_pass(model, ctx) -> Tuple[fx.GraphModule, bool]:
+    """The pipeline form: reads frontend, example inputs and options from the context."""
+    opts = dict(ctx.options)
+    gm = trace(model, ctx.example_inputs, frontend=ctx.frontend, dynamic=opts.get("dynamic", True),
+               dynamic_shapes=opts.get("dynamic_shapes"), leaf_modules=opts.get("leaf_modules", ()),
+               check=opts.get("check", True))
+    return gm, gm is not model
+
+
+# ---- export -----------------------------------------------------------------------------
+
+def _export(model, args, kwargs, dynamic, dynamic_shapes) -> fx.GraphModule:
+    if dynamic_shapes is None and dynamic:
+        dynamic_shapes = _dynamic_shapes(model, args, kwargs)
+    was_training = model.training
+    model.train()            # every mode-dependent op appears in a train-mode export
+    try:
+        ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    finally:
+        model.train(was_training)
+    em = ep.module()
+    gm = fx.GraphModule(em, em.graph, class_name=type(model).__name__)   # a plain GraphModule: train/eval work
+    _copy_non_persistent(model, gm)
+    _follow_mode(gm)
+    gm.train(was_training)
+    return gm
+
+
+def _dynamic_shapes(model, args, kwargs):
+    auto = torch.export.Dim.AUTO
+
+    def spec(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: auto}
+        if x.dim() == 2 and not x.is_floating_point() and not x.is_complex():
+            dims[1] = auto   # (batch, sequence) token ids
+        return dims
+
+    if not kwargs:
+        return tuple(pytree.tree_map(spec, a) if not isinstance(a, torch.Tensor) else spec(a) for a in args)
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    return {k: pytree.tree_map(spec, v) if not isinstance(v, torch.Tensor) else spec(v) for k, v in bound.arguments.items()}
+
+
+def _copy_non_persistent(model: nn.Module, gm: fx.GraphModule) -> None:
+    # GraphModule's constructor registers every copied buffer as persistent; keep the
+    # model's non-persistent ones (e.g. BERT's position_ids) out of the state dict.
+    for name, mod in model.named_modules():
+        if not mod._non_persistent_buffers_set:
+            continue
+        try:
+            target = gm.get_submodule(name) if name else gm
+        except AttributeError:
+            continue
+        target._non_persistent_buffers_set |= {b for b in mod._non_persistent_buffers_set if b in target._buffers}
+
+
+def _follow_mode(gm: fx.GraphModule) -> bool:
+    """Rewrite train-mode-baked ops into planc_modes modules that read self.training."""
+    graph, changed, count = gm.graph, False, 0
+
+    def swap(node, module, args, kwargs=None):
+        nonlocal changed, count
+        path = f"planc_modes.{node.name}"
+        gm.add_submodule(path, module)
+        with graph.inserting_before(node):
+            new = graph.call_module(path, tuple(args), kwargs or {})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed = True
+        count += 1
+
+    if not isinstance(getattr(gm, "planc_modes", None), nn.Module):
+        gm.add_module("planc_modes", nn.Module())
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUTS and _arg(node, 2, "train", False) is True:
+            swap(node, TrainDropout(_DROPOUTS[node.target], _arg(node, 1, "p")), [node.args[0]])
+        elif node.target is aten.batch_norm.default and _arg(node, 5, "training") is True:
+            running_mean = _arg(node, 3, "running_mean")
+            if running_mean is None:
+                continue                 # no running stats: batch statistics in both modes
+            nbt, add = _num_batches_tracked(graph, running_mean)
+            args = [_arg(node, i, n) for i, n in enumerate(("input", "weight", "bias", "running_mean", "running_var"))]
+            swap(node, TrainBatchNorm(_arg(node, 6, "momentum", 0.1), _arg(node, 7, "eps", 1e-5)), args + [nbt])
+            if add is not None:
+                graph.erase_node(add)    # TrainBatchNorm counts batches itself, in train mode only
+        elif node.target is aten.scaled_dot_product_attention.default and float(_arg(node, 4, "dropout_p", 0.0) or 0.0) > 0:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+            q, k, v, mask = (_arg(node, i, n) for i, n in enumerate(names[:4]))
+            kwargs = {"is_causal": _arg(node, 5, "is_causal", False), "scale": node.kwargs.get("scale"),
+                      "enable_gqa": node.kwargs.get("enable_gqa", False)}
+            swap(node, TrainSDPA(_arg(node, 4, "dropout_p")), [q, k, v, mask], kwargs)
+    if not count:
+        delattr(gm, "planc_modes")
+    graph.lint()
+    gm.recompile()
+    return changed
+
+
+def _num_batches_tracked(graph: fx.Graph, running_mean) -> Tuple[Optional[fx.Node], Optional[fx.Node]]:
+    """The num_batches_tracked get_attr node next to a running_mean, and the add_(…, 1)
+    export recorded on it in train mode."""
+    if not isinstance(running_mean, fx.Node) or running_mean.op != "get_attr":
+        return None, None
+    want = running_mean.target.rsplit(".", 1)[0] + ".num_batches_tracked" if "." in running_mean.target else "num_batches_tracked"
+    for n in graph.nodes:
+        if n.op == "get_attr" and n.target == want:
+            adds = [u for u in n.users if u.op == "call_function" and u.target is aten.add_.Tensor and u.args[0] is n]
+            return n, (adds[0] if adds and not adds[0].users else None)
+    return None, None
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+# ---- symbolic ---------------------------------------------------------------------------
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: Sequence[Any]):
+        super().__init__()
+        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self.leaf_names = {x for x in leaves if isinstance(x, str)}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return True    # keep weight layers as call_module: names stay the module's
+        return (qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types))
+                or super().is_leaf_module(m, qualname))
+
+
+def _symbolic(model: nn.Module, leaves: Sequence[Any]) -> fx.GraphModule:
+    tracer = _LeafTracer(leaves)
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+# ---- auto's last resort: the largest traceable submodules --------------------------------
+
+class _Wrapper(nn.Module):
+    """Holds the partly traced copy as `module`, like DDP, so names carry `module.`."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _submodules(model: nn.Module, leaves: Sequence[Any]) -> fx.GraphModule:
+    root = copy.deepcopy(model)
+    traced: List[str] = []
+
+    def visit(module: nn.Module, prefix: str):
+        for name, child in list(module.named_children()):
+            qual = f"{prefix}{name}"
+            try:
+                gm = _symbolic(child, leaves)
+                ok = bool(weight_uses(gm))
+            except Exception:
+                gm, ok = None, False
+            if ok:
+                gm.train(child.training)
+                setattr(module, name, gm)
+                traced.append(qual)
+            else:
+                visit(child, qual + ".")
+
+    visit(root, "")
+    if not traced:
+        raise TraceError("submodules: no submodule that applies a weight could be traced")
+    wrapper = _Wrapper(root)
+    graph = fx.Graph()
+    params = [p for p in inspect.signature(model.forward).parameters.values()]
+    args, kwargs = [], {}
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            raise TraceError("submodules: a forward taking *args cannot be wrapped")
+        if p.kind is p.VAR_KEYWORD:
+            continue
+        default = () if p.default is inspect.Parameter.empty else (p.default,)
+        node = graph.placeholder(p.name, default_value=default[0]) if default else graph.placeholder(p.name)
+        (kwargs.__setitem__(p.name, node) if p.kind is p.KEYWORD_ONLY else args.append(node))
+    out = graph.call_module("module", tuple(args), kwargs)
+    graph.output(out)
+    gm = fx.GraphModule(wrapper, graph, class_name=type(model).__name__)
+    gm.train(model.training)
+    return gm
+
+
+# ---- checks -----------------------------------------------------------------------------
+
+def _check(model: nn.Module, gm: fx.GraphModule, args, kwargs, how: str) -> None:
+    """The trace must compute what the model computes, in eval and in train mode."""
+    buffers = [(b, b.detach().clone()) for b in _unique(list(model.buffers()) + list(gm.buffers()))]
+    was = model.training, gm.training
+    try:
+        for mode in (False, True):
+            model.train(mode)
+            gm.train(mode)
+            try:
+                ref = _run(model, args, kwargs)
+            except Exception:
+                if mode:
+                    continue     # the model itself cannot run this input in train mode
+                raise
+            out = _run(gm, args, kwargs)
+            ref_leaves, ref_spec = pytree.tree_flatten(ref)
+            out_leaves, out_spec = pytree.tree_flatten(out)
+            if len(ref_leaves) != len(out_leaves):
+                raise TraceError(f"{how}: the trace returns {len(out_leaves)} outputs, the model {len(ref_leaves)}")
+            for a, b in zip(ref_leaves, out_leaves):
+                if isinstance(a, torch.Tensor) and (not isinstance(b, torch.Tensor) or a.shape != b.shape
+                                                   or not torch.allclose(a.float(), b.float(), _CHECK_RTOL, _CHECK_ATOL, equal_nan=True)):
+                    diff = (a.float() - b.float()).abs().max().item() if isinstance(b, torch.Tensor) and a.shape == b.shape else "shape"
+                    raise TraceError(f"{how}: the trace differs from the model in {'train' if mode else 'eval'} mode "
+                                     f"(max abs difference {diff}); mode-dependent control flow?")
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        model.train(was[0])
+        gm.train(was[1])
+
+
+def _run(module, args, kwargs):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return module(*args, **kwargs)
+
+
+def _unique(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _split_inputs(example_inputs) -> Tuple[tuple, Dict[str, Any]]:
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""

@@ -1,0 +1,153 @@
+"""planc.pruned: `planc.compile` (trace + select + insert_masks) and the Pruned object it returns.
+
+    pruned = planc.compile(model, plan, example_inputs)
+    pruned.module        # GraphModule whose targeted weights flow through BlockMasks
+    pruned.targets       # TargetInfo for every weight-applying layer, skipped ones too
+    pruned.masks         # layer name -> BlockMask (masked layers, in graph order)
+    pruned.bake()        # a plain GraphModule with exact zeros (the Pruned stays usable)
+
+The training-time methods (param_groups, attach, step, state_dict, ...) are thin
+delegations to planc.runtime.Runtime, created on first use.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+from planc.passes.bake import bake_pass
+from planc.passes.insert_masks import insert_masks_pass, masks_of
+from planc.passes.pipeline import Pass, PassContext, Pipeline
+from planc.passes.select import TargetInfo, select_pass, targets_of
+from planc.passes.trace import trace_pass
+from planc.plan.types import ModelSpec, Plan
+
+PIPELINE = Pipeline([Pass("trace", trace_pass), Pass("select", select_pass), Pass("insert_masks", insert_masks_pass)])
+
+
+def as_plan(plan) -> Plan:
+    """A Plan as is; anything else goes through planc.load_plan (path, YAML text, dict)."""
+    if isinstance(plan, Plan):
+        return plan
+    import planc
+
+    return planc.load_plan(plan)
+
+
+def example_inputs_for(spec: ModelSpec, seed: int = 0) -> Tuple[torch.Tensor, ...]:
+    """Inputs of the plan's example shapes: standard normal floats, or token ids in
+    [0, 100) for int64 (small ids are valid in any vocabulary worth pruning)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in spec.example_inputs:
+        if spec.input_dtype == "int64":
+            out.append(torch.randint(0, 100, tuple(shape), generator=g, dtype=torch.int64))
+        else:
+            out.append(torch.randn(tuple(shape), generator=g, dtype=getattr(torch, spec.input_dtype)))
+    return tuple(out)
+
+
+def compile(model: nn.Module, plan, example_inputs=None, *, frontend: Optional[str] = None,
+            leaf_modules=(), dynamic_shapes=None, check: bool = True) -> "Pruned":
+    """trace + select + insert_masks. `plan` is a Plan or anything planc.load_plan takes;
+    example_inputs default to the plan's model.example_inputs; frontend to the plan's
+    model.frontend. Raises a PassError naming the failing pass (also a TraceError or
+    SelectError when that is what went wrong)."""
+    plan = as_plan(plan)
+    if example_inputs is None:
+        example_inputs = example_inputs_for(plan.model)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    ctx = PassContext(plan=plan, example_inputs=example_inputs, frontend=frontend or plan.model.frontend,
+                      options={"dynamic": plan.model.dynamic_batch, "dynamic_shapes": dynamic_shapes,
+                               "leaf_modules": tuple(leaf_modules), "check": check})
+    gm, _ = PIPELINE.run(model, ctx)
+    return Pruned(gm, plan, example_inputs=example_inputs)
+
+
+class Pruned:
+    """A model compiled for pruning. See the module docstring."""
+
+    def __init__(self, module: fx.GraphModule, plan: Plan, example_inputs: Any = ()):
+        self.module = module
+        self.plan = plan
+        self.example_inputs = example_inputs
+        self.targets: Tuple[TargetInfo, ...] = targets_of(module)
+        self.masks = masks_of(module)
+        self._info = {t.name: t for t in self.targets}
+        self.runtime = None
+
+    def weight(self, name: str) -> nn.Parameter:
+        """The raw weight parameter of a masked layer inside .module."""
+        info = self._info.get(name)
+        if info is None or name not in self.masks:
+            known = ", ".join(list(self.masks)[:8])
+            raise KeyError(f"no masked layer named {name!r}; masked layers: {known}{', ...' if len(self.masks) > 8 else ''}")
+        return self.module.get_parameter(info.weight_target)
+
+    def bake(self) -> fx.GraphModule:
+        """A deep copy of .module with masks folded into the weights (passes.bake)."""
+        gm, _ = bake_pass(copy.deepcopy(self.module), None)
+        return gm
+
+    def table(self) -> str:
+        """The layer table: one row per weight-applying layer."""
+        return layer_table(self.targets, self.masks)
+
+    def __repr__(self) -> str:
+        return f"Pruned({type(self.module).__name__}: {len(self.masks)} masked of {len(self.targets)} layers)"
+
+    # ---- the runtime (planc.runtime), created on first use -----------------------------
+    def _rt(self):
+        if self.runtime is None:
+            from planc.runtime import Runtime
+
+            self.runtime = Runtime(self)
+        return self.runtime
+
+    def param_groups(self, **kw):
+        return self._rt().param_groups(**kw)
+
+    def attach(self, optimizer):
+        return self._rt().attach(optimizer)
+
+    def step(self):
+        return self._rt().step()
+
+    def state_dict(self):
+        return self._rt().state_dict()
+
+    def load_state_dict(self, sd):
+        return self._rt().load_state_dict(sd)
+
+    @property
+    def events(self):
+        return self._rt().events
+
+    @property
+    def phase(self):
+        return self._rt().phase
+
+
+def layer_table(targets, masks: Optional[Dict[str, Any]] = None) -> str:
+    """name, op, weight shape, block, grid, blocks, target sparsity, blocks kept at the
+    target, the deciding rule or the skip reason; with `masks`, also the blocks alive now."""
+    head = ["layer", "op", "weight", "block", "grid", "blocks", "sparsity", "kept"]
+    if masks is not None:
+        head.append("alive")
+    head.append("rule / skip reason")
+    rows = []
+    for t in targets:
+        row = [t.name, t.op, "x".join(map(str, t.weight_shape)), "x".join(map(str, t.block)),
+               "x".join(map(str, t.grid)), str(t.num_blocks), f"{t.sparsity:.2f}" if t.targeted else "-",
+               str(t.blocks_kept)]
+        if masks is not None:
+            row.append(str(int(masks[t.name].alive.sum())) if t.name in masks else "-")
+        row.append(t.skip_reason if t.skip_reason else (f"rules[{t.rule}]" if t.rule is not None else "defaults"))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""insert_masks and bake on hand-built graphs: structure, modes, changed flags, exactness."""
+import copy
+
+import pytest
+import torch
+from torch import fx
+
+from planc import meta
+from planc.examples.digits import cnn, mlp
+from planc.mask import BlockMask
+from planc.passes import bake, insert_masks, masks_of, select, targets_of, trace
+from planc.passes.insert_masks import mask_for
+
+from _passes_helpers import Functional, max_diff, plan, prune_half, run, skip_last
+
+
+def _masked(model, p, frontend=None, inputs=None):
+    gm = fx.symbolic_trace(model) if frontend is None else trace(model, inputs, frontend=frontend)
+    gm, _ = select(gm, p)
+    return insert_masks(gm, p)
+
+
+def test_structure_after_insert_symbolic():
+    model = mlp(hidden=32, depth=2)
+    gm, changed = _masked(model, skip_last())
+    assert changed
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert [n.target for n in calls] == ["planc_masks.layers_0", "layers.1", "planc_masks.layers_2", "layers.3", "head"]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.linear]
+    assert [n.args[1].target for n in linears] == ["planc_masks.layers_0", "planc_masks.layers_2"]
+    assert linears[0].args[1].args[0].op == "get_attr" and linears[0].args[1].args[0].target == "layers.0.weight"
+    assert linears[0].meta[meta.MASK] == "planc_masks.layers_0"
+    assert any(n.op == "call_module" and n.target == "head" for n in gm.graph.nodes)   # skipped: untouched
+    assert list(masks_of(gm)) == ["layers.0", "layers.2"]
+    assert {n for n, _ in gm.named_parameters() if "planc_masks" in n} == {"planc_masks.layers_0.logits", "planc_masks.layers_2.logits"}
+    assert insert_masks(gm, skip_last())[1] is False          # idempotent
+    x = torch.randn(5, 64)
+    assert max_diff(gm(x), model(x)) <= 1e-6                  # zero logits: the dense model
+
+
+@pytest.mark.parametrize("method,mode", [("sequential_attention_pp", "attention"), ("acdc", "support"),
+                                         ("magnitude", "support"), ("powerprop", "powerprop")])
+def test_mode_follows_the_method(method, mode):
+    gm, _ = _masked(mlp(hidden=16, depth=1), skip_last(method=method))
+    (m,) = masks_of(gm).values()
+    assert m.mode == mode and (m.logits is not None) == (mode == "attention")
+
+
+def test_method_options_reach_the_mask():
+    gm, _ = _masked(mlp(hidden=16, depth=1), skip_last(clip=(0.5, 2.0)))
+    assert next(iter(masks_of(gm).values())).clip == (0.5, 2.0)
+    gm, _ = _masked(mlp(hidden=16, depth=1), skip_last(method="powerprop", alpha=3.0, granularity="element"))
+    m = next(iter(masks_of(gm).values()))
+    assert (m.alpha, m.granularity) == (3.0, "element")
+    with pytest.raises(ValueError, match="expected a method"):
+        mask_for(targets_of(gm)[0], "nope")
+
+
+def test_insert_without_select_changes_nothing():
+    gm = fx.symbolic_trace(mlp(hidden=16, depth=1))
+    before = gm.code
+    gm, changed = insert_masks(gm, "acdc")
+    assert changed is False and gm.code == before
+
+
+def test_functional_and_conv_uses_get_masks():
+    model = Functional()
+    gm, _ = _masked(model, plan(block=(2, 2)))
+    assert set(masks_of(gm)) == {"w1", "out"}                 # grouped conv skipped
+    x, img = torch.randn(3, 6), torch.randn(3, 4, 5, 5)
+    assert max_diff(gm(x, img), model(x, img)) <= 1e-6
+
+
+def test_bake_folds_masks_with_exact_zeros():
+    model = cnn(4).eval()
+    x = torch.randn(6, 64)
+    gm, _ = _masked(model, skip_last(block=(2, 4)), frontend="export", inputs=(x,))
+    prune_half(masks_of(gm))
+    with torch.no_grad():
+        for m in masks_of(gm).values():
+            m.logits.normal_()                                 # attention != 1 must be folded too
+    gm.eval()
+    expected = run(gm, x)
+    baked, changed = bake(copy.deepcopy(gm))
+    assert changed and bake(baked)[1] is False
+    assert not any(isinstance(m, BlockMask) for m in baked.modules()) and not hasattr(baked, "planc_masks")
+    assert max_diff(run(baked.eval(), x), expected) <= 1e-5
+    for t in targets_of(baked):
+        if not t.targeted:
+            continue
+        node = next(n for n in baked.graph.nodes if n.meta.get(meta.TARGET) == t and meta.BAKED in n.meta)
+        rec = node.meta[meta.BAKED]
+        mask = masks_of(gm)[t.name]
+        w = baked.get_parameter(t.weight_target)
+        assert torch.all(mask.view.to_blocks(w)[~mask.alive] == 0)
+        assert rec["blocks"] == t.num_blocks and rec["blocks_pruned"] == int((~mask.alive).sum())
+        assert rec["block_sparsity"] == pytest.approx(rec["blocks_pruned"] / rec["blocks"])
+        assert rec["weight_sparsity"] == pytest.approx(float((w == 0).float().mean()))
+    # the masked module still works and is unchanged
+    assert max_diff(run(gm, x), expected) == 0
+
+
+def test_bake_of_a_shared_weight_folds_once():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    model = Twice()
+    gm, _ = _masked(model, plan(block=(2, 2)))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["planc_masks.lin", "planc_masks.lin"]
+    (mask,) = masks_of(gm).values()
+    prune_half({"lin": mask})
+    x = torch.randn(2, 8)
+    expected = gm(x)
+    baked, _ = bake(gm)
+    assert max_diff(baked(x), expected) <= 1e-6

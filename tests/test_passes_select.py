@@ -1,0 +1,131 @@
+"""select: rules (first match wins), positions, skip reasons, errors, changed flag."""
+import pytest
+import torch
+from torch import fx, nn
+
+from planc import meta
+from planc.errors import SelectError
+from planc.examples.digits import mlp
+from planc.passes import select, targets_of, trace
+from planc.plan.types import Match
+
+from _passes_helpers import Functional, plan
+
+
+def _mlp_graph(depth=3):
+    return fx.symbolic_trace(mlp(hidden=32, depth=depth))
+
+
+def test_rules_first_match_wins_and_defaults():
+    gm = _mlp_graph()
+    p = plan(block=(8, 8), sparsity=0.5, rules=(
+        {"match": Match(position="last"), "skip": True},
+        {"match": Match(type="Linear", name="layers.2"), "sparsity": 0.75, "block": (4, 4)},
+        {"match": Match(name="layers.*"), "sparsity": 0.25},
+    ))
+    gm, changed = select(gm, p)
+    assert changed
+    t = {x.name: x for x in targets_of(gm)}
+    assert list(t) == ["layers.0", "layers.2", "layers.4", "head"]
+    assert (t["head"].skip_reason, t["head"].rule, t["head"].targeted) == ("skipped by targets.rules[0]", 0, False)
+    assert (t["layers.2"].sparsity, t["layers.2"].block, t["layers.2"].grid, t["layers.2"].rule) == (0.75, (4, 4), (8, 8), 1)
+    assert (t["layers.4"].sparsity, t["layers.4"].rule) == (0.25, 2)
+    assert (t["layers.0"].weight_shape, t["layers.0"].grid, t["layers.0"].num_blocks) == ((32, 64), (4, 8), 32)
+    assert [x.order for x in t.values()] == [0, 1, 2, 3]
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "head")
+    assert node.meta[meta.TARGET] is t["head"] or node.meta[meta.TARGET] == t["head"]
+    # the same plan again changes nothing
+    assert select(gm, p)[1] is False
+
+
+def test_min_blocks_reason():
+    gm = _mlp_graph(depth=1)
+    gm, _ = select(gm, plan(block=(16, 16), min_blocks=9, rules=({"match": Match(name="head"), "sparsity": 0.0},)))
+    t = {x.name: x for x in targets_of(gm)}
+    assert t["layers.0"].skip_reason == "8 blocks < min_blocks 9"
+    assert t["head"].skip_reason == "target sparsity 0"
+
+
+def test_grouped_conv_is_skipped_with_reason_and_functional_weights_are_layers():
+    gm, _ = select(fx.symbolic_trace(Functional()), plan(block=(2, 2)))
+    t = {x.name: x for x in targets_of(gm)}
+    assert set(t) == {"w1", "conv", "out"}
+    assert t["conv"].skip_reason.startswith("grouped convolution (groups=2)")
+    assert t["w1"].targeted and t["w1"].module_type == "Functional" and t["out"].targeted
+
+
+def test_positions_come_from_the_dataflow_graph():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.trunk = nn.Linear(8, 4)
+            self.h1, self.h2 = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            z = self.trunk(torch.cat([self.a(x), self.b(x)], -1))
+            return self.h1(z), self.h2(z)
+
+    gm = fx.symbolic_trace(TwoHeads())
+    gm, _ = select(gm, plan(block=(2, 2), rules=({"match": Match(position="first"), "skip": True},
+                                                 {"match": Match(position="last"), "sparsity": 0.9})))
+    t = {x.name: x for x in targets_of(gm)}
+    assert {n for n, x in t.items() if x.rule == 0} == {"a", "b"}
+    assert {n for n, x in t.items() if x.rule == 1} == {"h1", "h2"}
+    assert t["trunk"].rule is None
+
+
+def test_name_globs_ignore_ddp_prefixes():
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = mlp(hidden=16, depth=1)
+
+        def forward(self, x):
+            return self.module(x)
+
+    gm = fx.symbolic_trace(Wrapped())
+    gm, _ = select(gm, plan(rules=({"match": Match(name="layers.*"), "sparsity": 0.8},)))
+    assert {x.name: x.sparsity for x in targets_of(gm)} == {"module.layers.0": 0.8, "module.head": 0.5}
+    gm2, _ = select(_mlp_graph(1), plan(rules=({"match": Match(name="module.head"), "skip": True},)))
+    assert [x.name for x in targets_of(gm2) if not x.targeted] == ["head"]
+
+
+def test_type_matches_base_classes():
+    mha = nn.MultiheadAttention(8, 2)
+    assert type(mha.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = mha.out_proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    gm, _ = select(fx.symbolic_trace(M()), plan(block=(2, 2), rules=({"match": Match(type="Linear"), "sparsity": 0.7},)))
+    assert targets_of(gm)[0].sparsity == 0.7
+
+
+def test_a_rule_that_matches_nothing_lists_the_closest_names():
+    with pytest.raises(SelectError) as err:
+        select(_mlp_graph(), plan(rules=({"match": Match(position="last"), "skip": True},
+                                        {"match": Match(name="layer.*"), "sparsity": 0.9})))
+    msg = str(err.value)
+    assert msg.startswith("targets.rules[1]: match {name: layer.*} matches no layer; closest layer names: layers.")
+    with pytest.raises(SelectError, match=r"layer types in the model: Linear"):
+        select(_mlp_graph(), plan(rules=({"match": Match(type="Conv2d")},)))
+
+
+def test_tied_weights_are_skipped():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.dec(self.enc(x))
+
+    gm, _ = select(fx.symbolic_trace(Tied()), plan(block=(2, 2)))
+    assert all("tied" in t.skip_reason for t in targets_of(gm))

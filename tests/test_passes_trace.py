@@ -1,0 +1,118 @@
+"""trace: frontends, train/eval behaviour of exported graphs, batch sizes, errors."""
+import pytest
+import torch
+from torch import fx, nn
+
+from planc.errors import TraceError
+from planc.examples.digits import cnn, mlp
+from planc.passes import trace, weight_uses
+from planc.passes.trace import TrainBatchNorm, TrainDropout
+
+from _passes_helpers import max_diff, run
+
+
+def _both_modes_equal(model, gm, x):
+    for mode in (True, False):
+        model.train(mode)
+        gm.train(mode)
+        assert gm.training is mode
+        assert max_diff(run(model, x), run(gm, x)) <= 1e-6, f"train={mode}"
+
+
+def test_export_cnn_batchnorm_follows_train_and_eval():
+    model = cnn(4).train()
+    gm = trace(model, (torch.randn(8, 64),))
+    assert isinstance(gm, fx.GraphModule) and type(gm).__mro__[1] is fx.GraphModule     # plain, not _StatefulGraphModule
+    assert sum(isinstance(m, TrainBatchNorm) for m in gm.modules()) == 2
+    assert not any(n.target is torch.ops.aten.add_.Tensor for n in gm.graph.nodes)
+    assert gm.training                                         # the model's mode is kept
+    _both_modes_equal(model, gm, torch.randn(3, 64))          # another batch size
+    # running stats and the batch counter move in train mode only, like nn.BatchNorm
+    bn = model.features[1]
+    n0, mean0 = int(bn.num_batches_tracked), bn.running_mean.clone()
+    gm.eval(); gm(torch.randn(4, 64))
+    assert int(bn.num_batches_tracked) == n0 and torch.equal(bn.running_mean, mean0)
+    gm.train(); gm(torch.randn(4, 64))
+    assert int(bn.num_batches_tracked) == n0 + 1 and not torch.equal(bn.running_mean, mean0)
+
+
+def test_export_dropout_follows_the_mode():
+    model = mlp(hidden=32, dropout=0.5).eval()
+    gm = trace(model, (torch.randn(4, 64),))
+    assert not gm.training and sum(isinstance(m, TrainDropout) for m in gm.modules()) == 2
+    x = torch.randn(7, 64)
+    _both_modes_equal(model, gm, x)
+    gm.train()
+    assert max_diff(run(gm, x, seed=1), run(gm, x, seed=2)) > 0      # dropout is really on
+
+
+def test_symbolic_and_auto_frontends():
+    model = cnn(4).eval()
+    x = torch.randn(5, 64)
+    sym = trace(model, (x,), frontend="symbolic")
+    assert [n.target for n in sym.graph.nodes if n.op == "call_module"][:2] == ["features.0", "features.1"]
+    _both_modes_equal(model, sym, torch.randn(2, 64))
+    auto = trace(model, (x,), frontend="auto")
+    assert any(n.target is torch.ops.aten.conv2d.default for n in auto.graph.nodes)   # export won
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow at the top: neither export nor symbolic_trace handle it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 4))
+        self.tail = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum().item() > 1e9:      # .item(): data-dependent
+            h = h * 2
+        return self.tail(h)
+
+
+def test_auto_falls_back_to_the_largest_traceable_submodules():
+    model = Untraceable().eval()
+    x = torch.randn(3, 4)
+    with pytest.raises(TraceError):
+        trace(model, (x,), frontend="symbolic")
+    gm = trace(model, (x,), frontend="auto")
+    assert isinstance(gm.module.body, fx.GraphModule) and isinstance(gm.module.tail, fx.GraphModule)
+    names = [u.weight_target for u in weight_uses(gm)]
+    assert names == ["module.body.0.weight", "module.body.3.weight", "module.tail.weight"]
+    _both_modes_equal(model, gm, torch.randn(6, 4))
+
+
+def test_nothing_traces_names_module_and_reason():
+    class Opaque(nn.Module):
+        def forward(self, x):
+            return x if x.sum().item() > 0 else -x
+
+    with pytest.raises(TraceError) as err:
+        trace(Opaque(), (torch.randn(2, 2),), frontend="auto")
+    msg = str(err.value)
+    assert msg.startswith("could not trace Opaque (auto frontend): export: ")
+    assert "symbolic: " in msg and "submodules: no submodule that applies a weight could be traced" in msg
+    with pytest.raises(TraceError, match="unknown frontend 'jit'"):
+        trace(Opaque(), (torch.randn(2, 2),), frontend="jit")
+
+
+def test_check_catches_mode_dependent_control_flow():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) * (2.0 if self.training else 1.0)
+
+    model = Sneaky().eval()
+    with pytest.raises(TraceError, match="differs from the model in eval mode"):
+        trace(model, (torch.randn(2, 4),))
+    gm = trace(model, (torch.randn(2, 4),), frontend="auto")    # symbolic keeps the module
+    _both_modes_equal(model, gm, torch.randn(3, 4))
+
+
+def test_a_graph_module_passes_through():
+    gm = fx.symbolic_trace(mlp(hidden=8, depth=1))
+    assert trace(gm, ()) is gm
