@@ -1,0 +1,312 @@
+"""The lower pass: rewrite baked pruned Linear/Conv2d layers to block-sparse kernels.
+
+For every node that applies a weight (planc.passes.nodes.weight_uses: call_module
+Linear/Conv2d from symbolic_trace, aten.linear/aten.conv2d/addmm/mm on get_attr weights
+from torch.export), the pass builds a BlockSparseMatrix of the weight's nonzero blocks
+(through the block view), asks kernels/cost.py whether the block-sparse op beats dense
+for that shape, block, density and backend, and if the predicted speedup reaches
+`min_speedup` swaps the layer for a BlockSparseLinear / BlockSparseConv2d module. Every
+weight node gets node.meta[planc.meta.LOWERED]: what was done and why; `report(gm)`
+collects them as a table.
+
+The block of a layer comes from what earlier passes recorded (node.meta[BAKED]["block"],
+node.meta[TARGET].block), else from `blocks=` (one (r, c) or a dict by layer name), else
+it is inferred from the zeros: the candidate block with the best predicted speedup among
+those whose all-zero blocks are really zero.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import fx, nn
+
+from planc import meta as M
+from planc.blocks import BlockView
+
+Block = Tuple[int, int]
+DEFAULT_TOKENS = 512
+CANDIDATE_BLOCKS: Tuple[Block, ...] = ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4))
+_REPORT_KEY = "planc.lower_report"
+
+
+def lower(gm: fx.GraphModule, backend: str = "auto", dtype: Optional[torch.dtype] = None,
+          min_speedup: float = 1.0, *, tokens: Optional[int] = None,
+          blocks: Union[None, Sequence[int], Dict[str, Sequence[int]]] = None,
+          inplace: bool = False, verbose: bool = False) -> fx.GraphModule:
+    """A copy of `gm` (unless inplace) with its pruned layers on block-sparse kernels.
+
+    backend: "auto" (Triton when the weights are on CUDA, else the CPU path) | "triton" |
+    "cpu" | "dense" (lower nothing, report only). dtype: the kernels' dtype (values are
+    cast; inputs are cast to it and outputs back). min_speedup: lower a layer only when
+    the predicted speedup over dense reaches it (0 lowers every pruned layer). tokens:
+    the row count the prediction assumes (default: from the graph's shape metadata, else
+    512)."""
+    return lower_pass(gm, backend=backend, dtype=dtype, min_speedup=min_speedup, tokens=tokens, blocks=blocks,
+                      inplace=inplace, verbose=verbose)[0]
+
+
+def lower_pass(gm: fx.GraphModule, **kw) -> Tuple[fx.GraphModule, bool]:
+    """The pass contract: (GraphModule, changed)."""
+    from planc.kernels.ops import BACKENDS
+    from planc.passes.nodes import weight_uses
+
+    backend = kw.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"expected a backend in {BACKENDS}, got {backend!r}")
+    if not kw.get("inplace", False):
+        gm = copy.deepcopy(gm)
+    rows: List[dict] = []
+    changed = False
+    for use in weight_uses(gm):
+        row = _lower_one(gm, use, backend=backend, dtype=kw.get("dtype"), min_speedup=float(kw.get("min_speedup", 1.0)),
+                         tokens=kw.get("tokens"), blocks=kw.get("blocks"))
+        changed |= row["action"] == "lowered"
+        rows.append(row)
+    for _, g in _graphs(gm):
+        g.graph.eliminate_dead_code()
+        g.graph.lint()
+        g.recompile()
+    _drop_unused_params(gm, rows)
+    gm.meta[_REPORT_KEY] = rows
+    if kw.get("verbose"):
+        print(format_report(rows))
+    return gm, changed
+
+
+# ---- one layer -------------------------------------------------------------------------
+
+def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks) -> dict:
+    from planc.kernels.cost import predict_speedup
+    from planc.kernels.format import BlockSparseMatrix
+    from planc.kernels.ops import resolve_backend
+
+    name = use.weight_target[:-len(".weight")] if use.weight_target.endswith(".weight") else use.weight_target
+    weight = gm.get_parameter(use.weight_target)
+    row = dict(layer=name, op=use.op, shape=tuple(weight.shape), action="dense", backend="dense",
+               block=None, density=1.0, predicted_speedup=None, reason="")
+    node = use.node
+
+    def keep(reason: str) -> dict:
+        row["reason"] = reason
+        node.meta[M.LOWERED] = dict(row)
+        return row
+
+    if use.mask_node is not None:
+        return keep("the weight still flows through a BlockMask: bake before lowering")
+    if use.op == "conv2d":
+        why = _conv_unsupported(use, weight)
+        if why:
+            return keep(why)
+    chosen = resolve_backend(backend, weight.device) if backend != "dense" else "dense"
+    block = _block_for(node, name, blocks)
+    view_shape = BlockView(tuple(weight.shape), (1, 1)).matrix_shape
+    n_tokens = int(tokens) if tokens else _tokens_of(node, use.op) or DEFAULT_TOKENS
+    kdtype = dtype or weight.dtype
+    cost_backend = "triton" if chosen == "triton" else "cpu"
+    if block is None:
+        block = _infer_block(weight, n_tokens, kdtype, cost_backend)
+        if block is None:
+            return keep("no all-zero blocks at any candidate block size")
+    bsm = BlockSparseMatrix.from_weight(weight, block, dtype=kdtype)
+    row.update(block=tuple(block), density=round(bsm.density, 4))
+    if bsm.density >= 1.0:
+        return keep(f"no pruned blocks at block {tuple(block)}")
+    speedup = predict_speedup(n_tokens, view_shape, block, bsm.density, kdtype, cost_backend)
+    row["predicted_speedup"] = round(speedup, 2)
+    if chosen == "dense":
+        return keep("backend 'dense' requested")
+    if chosen == "triton" and weight.device.type != "cuda":
+        from planc.kernels import triton_bsr
+
+        if not triton_bsr.INTERPRET:
+            return keep("backend 'triton' needs CUDA weights (or TRITON_INTERPRET=1)")
+    if speedup < min_speedup:
+        return keep(f"predicted {speedup:.2f}x < min_speedup {min_speedup:g} at {n_tokens} tokens")
+
+    bias = gm.get_parameter(use.bias_target) if use.bias_target else None
+    if bias is not None and dtype is not None:
+        bias = bias.to(dtype)
+    module = _make_module(use, weight, bsm, bias, chosen)
+    new_node = _replace(gm, use, module)
+    row.update(action="lowered", backend=chosen,
+               reason=f"predicted {speedup:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens")
+    new_node.meta[M.LOWERED] = dict(row)   # the node kept (call_module) or its replacement
+    return row
+
+
+def _conv_unsupported(use, weight) -> str:
+    if use.groups != 1:
+        return f"grouped convolution (groups={use.groups}) is left dense"
+    if _conv_padding(use, weight) is None:
+        return f"padding {use.padding!r} (asymmetric or unknown) is left dense"
+    return ""
+
+
+def _conv_padding(use, weight) -> Optional[Tuple[int, int]]:
+    if not isinstance(use.padding, str):
+        return tuple(use.padding)
+    if use.padding != "same":
+        return None if use.padding != "valid" else (0, 0)
+    if use.padding == "valid":
+        return (0, 0)
+    kh, kw = weight.shape[2:]
+    dh, dw = use.dilation or (1, 1)
+    tot_h, tot_w = dh * (kh - 1), dw * (kw - 1)
+    if tot_h % 2 or tot_w % 2:
+        return None   # asymmetric 'same' padding
+    return (tot_h // 2, tot_w // 2)
+
+
+def _make_module(use, weight, bsm, bias, backend):
+    from planc.kernels.conv import BlockSparseConv2d
+    from planc.kernels.ops import BlockSparseLinear
+
+    if use.op == "linear":
+        return _DtypeAdapter(BlockSparseLinear(bsm, bias, backend=backend))
+    padding = _conv_padding(use, weight)
+    return _DtypeAdapter(BlockSparseConv2d(bsm, bias, in_channels=weight.shape[1], kernel_size=tuple(weight.shape[2:]),
+                                           stride=use.stride or 1, padding=padding, dilation=use.dilation or 1,
+                                           backend=backend))
+
+
+class _DtypeAdapter(nn.Module):
+    """Casts the input to the kernel's dtype and the output back, so lowering with
+    `dtype=` leaves the rest of the graph as it was."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.inner.linear if hasattr(self.inner, "linear") else self.inner
+        kd = lin.values.dtype
+        if x.dtype == kd:
+            return self.inner(x)
+        return self.inner(x.to(kd)).to(x.dtype)
+
+
+def _replace(gm: fx.GraphModule, use, module: nn.Module) -> fx.Node:
+    g = gm.get_submodule(use.owner) if use.owner else gm
+    node = use.node
+    if node.op == "call_module":
+        parent_name, _, leaf = node.target.rpartition(".")
+        setattr(g.get_submodule(parent_name) if parent_name else g, leaf, module)
+        return node
+    # a function node: add the module and call it on the node's input
+    base = "lowered_" + use.weight_target.replace(".", "_")
+    name, i = base, 0
+    while hasattr(g, name):
+        i += 1
+        name = f"{base}_{i}"
+    g.add_submodule(name, module)
+    x = node.args[1] if node.target is torch.ops.aten.addmm.default else node.args[0]
+    with g.graph.inserting_before(node):
+        new = g.graph.call_module(name, (x,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    g.graph.erase_node(node)
+    return new
+
+
+def _graphs(gm):
+    from planc.passes.nodes import graph_modules
+
+    return list(graph_modules(gm))
+
+
+def _drop_unused_params(gm: fx.GraphModule, rows: List[dict]) -> None:
+    """Delete weights no graph reads any more (the lowered module holds its own copy)."""
+    used = set()
+    for owner, g in _graphs(gm):
+        for n in g.graph.nodes:
+            if n.op == "get_attr":
+                used.add(f"{owner}.{n.target}" if owner else n.target)
+    for row in rows:
+        if row["action"] != "lowered":
+            continue
+        for suffix in (".weight", ".bias"):
+            target = row["layer"] + suffix
+            if target in used:
+                continue
+            parent_name, _, leaf = target.rpartition(".")
+            try:
+                parent = gm.get_submodule(parent_name) if parent_name else gm
+            except AttributeError:
+                continue
+            if isinstance(parent, fx.GraphModule) and leaf in parent._parameters:
+                del parent._parameters[leaf]
+
+
+# ---- facts about a node ----------------------------------------------------------------
+
+def _block_for(node, name: str, blocks) -> Optional[Block]:
+    baked = node.meta.get(M.BAKED)
+    if isinstance(baked, dict) and baked.get("block"):
+        return tuple(int(b) for b in baked["block"])
+    target = node.meta.get(M.TARGET)
+    if target is not None and getattr(target, "block", None) and getattr(target, "skip_reason", None) is None:
+        return tuple(int(b) for b in target.block)
+    if isinstance(blocks, dict):
+        b = blocks.get(name)
+        return tuple(int(v) for v in b) if b else None
+    if blocks is not None:
+        return tuple(int(v) for v in blocks)
+    return None
+
+
+def _infer_block(weight, tokens, dtype, backend) -> Optional[Block]:
+    """The candidate block whose real zero blocks give the best predicted speedup."""
+    from planc.kernels.cost import predict_speedup
+
+    view = BlockView(tuple(weight.shape), (1, 1))
+    best, best_s = None, 0.0
+    for block in CANDIDATE_BLOCKS:
+        v = BlockView(tuple(weight.shape), block)
+        density = float(v.block_norms(weight.detach()).ne(0).float().mean())
+        if density >= 1.0:
+            continue
+        s = predict_speedup(tokens, view.matrix_shape, block, density, dtype, backend)
+        if s > best_s:
+            best, best_s = block, s
+    return best
+
+
+def _tokens_of(node, op: str) -> Optional[int]:
+    val = node.meta.get("val")
+    if val is None:
+        tm = node.meta.get("tensor_meta")
+        shape = getattr(tm, "shape", None)
+    else:
+        shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    try:
+        dims = [int(d) for d in shape]
+    except (TypeError, ValueError):   # symbolic sizes
+        return None
+    if op == "conv2d" and len(dims) == 4:
+        return dims[0] * dims[2] * dims[3]
+    n = 1
+    for d in dims[:-1]:
+        n *= d
+    return n
+
+
+# ---- the report --------------------------------------------------------------------------
+
+def report(gm: fx.GraphModule) -> List[dict]:
+    """The per-layer rows of the last lowering of gm."""
+    return list(gm.meta.get(_REPORT_KEY, []))
+
+
+def format_report(rows: List[dict]) -> str:
+    head = f"{'layer':<28} {'op':<7} {'block':<9} {'density':>7} {'pred':>6}  {'action':<8} {'backend':<7} reason"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        blk = "x".join(str(b) for b in r["block"]) if r["block"] else "-"
+        pred = f"{r['predicted_speedup']:.2f}" if r["predicted_speedup"] is not None else "-"
+        lines.append(f"{r['layer']:<28} {r['op']:<7} {blk:<9} {r['density']:>7.3f} {pred:>6}  "
+                     f"{r['action']:<8} {r['backend']:<7} {r['reason']}")
+    return "\n".join(lines)
