@@ -1,0 +1,133 @@
+"""Pickle-free files for nested state: tensors in safetensors, everything else as JSON in
+the same file's metadata, written atomically (temp file + fsync + rename).
+
+`encode` turns a nested structure of dicts (any JSON-scalar keys, e.g. the optimizer's
+integer parameter ids), lists, tuples, scalars and tensors into JSON plus a flat dict of
+tensors; `decode` inverts it exactly (floats round-trip through repr). One file, one
+rename: a reader never sees a checkpoint whose tensors and metadata disagree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import torch
+
+from planc.errors import RunFolderError
+
+META_KEY = "planc"
+
+
+def encode(obj: Any, tensors: Dict[str, torch.Tensor], prefix: str = "t") -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = f"{prefix}"
+        if name in tensors:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        tensors[name] = obj.detach().cpu().contiguous().clone()
+        return {"$t": name}
+    if isinstance(obj, dict):
+        return {"$d": [[encode(k, tensors, f"{prefix}.k{i}"), encode(v, tensors, f"{prefix}.{i}")]
+                       for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"$tuple": [encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} without pickle")
+
+
+def decode(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "$t" in obj:
+            return tensors[obj["$t"]]
+        if "$d" in obj:
+            return {decode(k, tensors): decode(v, tensors) for k, v in obj["$d"]}
+        if "$tuple" in obj:
+            return tuple(decode(v, tensors) for v in obj["$tuple"])
+        raise ValueError(f"unexpected object in encoded state: {sorted(obj)}")
+    return obj
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_tensors(path: str, tensors: Dict[str, torch.Tensor], meta: Any = None) -> None:
+    """Atomically write `tensors` (safetensors) with `meta` as JSON in the metadata."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    metadata = {META_KEY: json.dumps(meta, sort_keys=True)} if meta is not None else None
+    atomic_write_bytes(path, save(clean, metadata=metadata))
+
+
+def load_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Any]:
+    """(tensors, meta) from save_tensors; RunFolderError if missing or unreadable."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise RunFolderError(f"{path}: missing")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise RunFolderError(f"{path}: not a readable safetensors file ({err})") from None
+    raw = metadata.get(META_KEY)
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except json.JSONDecodeError as err:
+        raise RunFolderError(f"{path}: corrupt metadata ({err})") from None
+    return tensors, meta
+
+
+def save_state(path: str, state: Any) -> None:
+    tensors: Dict[str, torch.Tensor] = {}
+    meta = encode(state, tensors)
+    save_tensors(path, tensors, {"state": meta})
+
+
+def load_state(path: str) -> Any:
+    tensors, meta = load_tensors(path)
+    if not isinstance(meta, dict) or "state" not in meta:
+        raise RunFolderError(f"{path}: not a planc state file")
+    try:
+        return decode(meta["state"], tensors)
+    except (KeyError, ValueError, TypeError) as err:
+        raise RunFolderError(f"{path}: corrupt state ({err})") from None
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

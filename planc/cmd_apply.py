@@ -1,0 +1,47 @@
+"""`planc apply PLAN [--out DIR] [--resume] [--steps N]`: the whole pipeline with the
+built-in trainer (planc.train), ending in a run folder (planc.runfolder).
+
+Exit status (planc.cli): 0 done, 2 a bad plan or arguments, 1 anything else."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+HELP = "train with the plan's schedule and write a run folder"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="the plan file (YAML)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="the run folder (default: the plan's `output`, else runs/<name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from DIR/checkpoint.safetensors when there is one")
+    parser.add_argument("--steps", metavar="N", type=int, default=None,
+                        help="override train.steps; the phases are scaled proportionally")
+    parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                        help="the progress bar (default: only when stderr is a terminal)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from planc import load_plan
+    from planc.train import scale_schedule, train
+
+    # planc errors propagate: planc.cli.main prints them and picks the exit status
+    plan = load_plan(args.plan)
+    if args.steps is not None:
+        plan = scale_schedule(plan, args.steps)
+    out = args.out or plan.output or os.path.join("runs", plan.name)
+    result = train(plan, out, resume=args.resume,
+                   progress={"auto": None, "on": True, "off": False}[args.progress])
+    try:                                   # plots must never lose a finished run
+        from planc.report import write_report
+        write_report(out)
+    except Exception as err:
+        print(f"planc: warning: report.md not written: {type(err).__name__}: {' '.join(str(err).split())}",
+              file=sys.stderr)
+    final = result.report["metrics"]["final"]
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items())
+    print(f"{out}: {result.report['steps']} steps, sparsity {result.report['mean_sparsity']:.3f}, {shown}")
+    return 0

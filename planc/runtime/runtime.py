@@ -1,0 +1,376 @@
+"""The pruning runtime: runs a resolved plan's phase schedule inside any training loop.
+
+    opt = torch.optim.SGD(pruned.param_groups(lr=0.1, momentum=0.9))
+    pruned.attach(opt)            # applies step 0's actions (e.g. prune a pretrained model)
+    for x, y in loader:
+        loss_fn(pruned.module(x), y).backward(); opt.step(); opt.zero_grad()
+        pruned.step()             # keeps pruned weights at zero, advances the schedule
+
+What happens where (one mechanism for every method; the method only scores blocks):
+
+- entering a `dense` phase revives every block. Revived raw weights restart at exactly
+  zero (they were held at zero while pruned). Their attention logits are left as they
+  are: the softmax runs over all blocks, alive or not, so changing any logit would
+  rescale every alive block and the edge would change the network's function; and the
+  logit is the block's learned importance, which the dense phase keeps training (with
+  the weight at zero its effective block is zero whatever its logit).
+- entering `sparse`/`finetune` prunes at once (top-k by the method's score among alive
+  blocks) down to the layer's target if it is not there yet, then holds the support.
+- a `sparsify` phase prunes the least important alive blocks at its update steps
+  following its curve (planc.runtime.schedule), ending exactly at the target.
+- at every phase edge the optimizer's state is cleared (the paper calls it crucial);
+  at every pruning the pruned blocks' entries of the optimizer state are zeroed too, so
+  momentum cannot push a pruned weight.
+- after every optimizer step, pruned raw weights are set back to exactly zero.
+
+Each edge changes the function only by the blocks it prunes: the masks' forward never
+rescales the other blocks (BlockMask), and zeroing a pruned raw weight is invisible
+behind a zero in the mask.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from planc.blocks import sparsify_grid_count
+from planc.errors import RuntimeStateError
+from planc.mask import BlockMask
+from planc.plan.types import Phase
+from planc.runtime import schedule as sched
+from planc.runtime.methods import make_method, select_prune
+
+STATE_FORMAT = "planc.runtime/1"
+
+
+def _target_sparsities(pruned) -> Dict[str, float]:
+    """Layer name -> target sparsity, from the compiled targets (TargetInfo records)."""
+    out: Dict[str, float] = {}
+    for info in getattr(pruned, "targets", ()) or ():
+        name = getattr(info, "name", None)
+        sparsity = getattr(info, "sparsity", None)
+        if name is not None and sparsity is not None:
+            out[str(name)] = float(sparsity)
+    return out
+
+
+class Runtime:
+    def __init__(self, pruned, *, targets: Optional[Mapping[str, float]] = None,
+                 events_path: Optional[str] = None):
+        self.pruned = pruned
+        self.plan = pruned.plan
+        self.phases = tuple(self.plan.schedule.phases)
+        self.method = make_method(self.plan.method)
+        if self.plan.targets.budget != "per_layer":
+            raise RuntimeStateError(
+                f"targets.budget {self.plan.targets.budget!r} is not implemented by the runtime; "
+                "use 'per_layer' (the paper's choice: per-layer uniform pruning beat global pruning)")
+        self.masks: Dict[str, BlockMask] = dict(pruned.masks)
+        found = dict(targets) if targets is not None else _target_sparsities(pruned)
+        missing = [n for n in self.masks if n not in found]
+        if missing:
+            raise RuntimeStateError(f"no target sparsity known for masked layers {missing}")
+        self.targets = {n: float(found[n]) for n in self.masks}
+        for name, mask in self.masks.items():
+            self.method.check(name, mask)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.t = 0                     # optimizer steps completed
+        self.phase_index = -1
+        self.started = False
+        self.events: List[dict] = []
+        self.events_path = events_path
+
+    # ---- public surface -----------------------------------------------------------
+    @property
+    def phase(self) -> Optional[Phase]:
+        return self.phases[self.phase_index] if self.phase_index >= 0 else None
+
+    @property
+    def done(self) -> bool:
+        return self.t >= (self.phases[-1].end if self.phases else 0)
+
+    def param_groups(self, lr: Optional[float] = None, weight_decay: Optional[float] = None,
+                     **kwargs) -> List[dict]:
+        """Two optimizer groups: 'weights' (every parameter but the logits) and 'logits'
+        (absent without attention masks). Logits use method.logits_lr (else the weights'
+        lr) and method.logits_weight_decay (else the weights' decay, as in the paper).
+        Other keyword arguments (momentum, betas, ...) go to both groups."""
+        logits = [m.logits for m in self.masks.values() if m.logits is not None]
+        logit_ids = {id(p) for p in logits}
+        weights = [p for p in self.pruned.module.parameters() if id(p) not in logit_ids]
+        base = dict(kwargs)
+        wg = dict(base, params=weights, name="weights")
+        lg = dict(base, params=logits, name="logits")
+        m = self.plan.method
+        if lr is not None:
+            wg["lr"] = float(lr)
+        if m.logits_lr is not None:
+            lg["lr"] = float(m.logits_lr)
+        elif lr is not None:
+            lg["lr"] = float(lr)
+        if weight_decay is not None:
+            wg["weight_decay"] = float(weight_decay)
+        if m.logits_weight_decay is not None:
+            lg["weight_decay"] = float(m.logits_weight_decay)
+        elif weight_decay is not None:
+            lg["weight_decay"] = float(weight_decay)
+        return [wg, lg] if logits else [wg]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer whose state is reset at phase edges. Starts the schedule (applies
+        step 0's actions) if it has not started yet."""
+        self.optimizer = optimizer
+        self.start()
+
+    def start(self) -> None:
+        """Apply the actions of step 0 (e.g. prune a pretrained model when its schedule
+        begins with `finetune`). Idempotent; attach() calls it."""
+        if not self.started:
+            self.started = True
+            self._arrive(0)
+
+    def step(self) -> None:
+        """Call after every optimizer step: zero the pruned raw weights, advance the step,
+        and apply what the schedule prescribes for the next one."""
+        if self.optimizer is None:
+            raise RuntimeStateError(
+                "attach(optimizer) before step(): the runtime resets the optimizer's state at phase edges")
+        self.start()
+        self._enforce_zeros()
+        self.t += 1
+        self._arrive(self.t)
+
+    def record(self, event: Mapping[str, Any]) -> None:
+        """Append an event (plain JSON data) to the log, e.g. the trainer's evaluations."""
+        ev = json.loads(json.dumps(dict(event)))   # plain data only, and a copy
+        self.events.append(ev)
+        if self.events_path:
+            with open(self.events_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(ev, sort_keys=True) + "\n")
+
+    def sparsity(self) -> Dict[str, float]:
+        """Per-layer block sparsity now."""
+        return {n: 1.0 - float(m.alive.sum()) / m.num_blocks for n, m in self.masks.items()}
+
+    def mean_sparsity(self) -> float:
+        """Fraction of all masked blocks that are pruned (weighted by block count)."""
+        total = sum(m.num_blocks for m in self.masks.values())
+        dead = sum(m.num_blocks - int(m.alive.sum()) for m in self.masks.values())
+        return dead / total if total else 0.0
+
+    def target_blocks(self, name: str) -> int:
+        """How many blocks of layer `name` are pruned at its target."""
+        return sparsify_grid_count(self.masks[name].num_blocks, self.targets[name])
+
+    def layer_report(self) -> List[dict]:
+        rows = []
+        for name, mask in self.masks.items():
+            n, alive = mask.num_blocks, int(mask.alive.sum())
+            w = self.pruned.weight(name).detach()
+            eff = mask.effective_weight(w)
+            row = {
+                "layer": name,
+                "mode": mask.mode,
+                "block": list(mask.view.block),
+                "weight_shape": list(mask.view.weight_shape),
+                "blocks": n,
+                "alive_blocks": alive,
+                "target_sparsity": self.targets[name],
+                "target_alive_blocks": n - self.target_blocks(name),
+                "achieved_sparsity": 1.0 - alive / n,
+                "weight_sparsity": float((eff == 0).float().mean()),
+            }
+            if mask.logits is not None:
+                a = mask.attention().detach()[mask.alive]
+                row["attention_std"] = float(a.std()) if a.numel() > 1 else 0.0
+                row["attention_range"] = [float(a.min()), float(a.max())] if a.numel() else None
+            rows.append(row)
+        return rows
+
+    # ---- state --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Plain data: step, phase, per-layer supports and logits (tensor copies), events."""
+        return {
+            "format": STATE_FORMAT,
+            "method": self.method.name,
+            "step": self.t,
+            "phase": self.phase_index,
+            "started": self.started,
+            "layers": {
+                name: {"alive": m.alive.detach().clone(),
+                       "logits": None if m.logits is None else m.logits.detach().clone()}
+                for name, m in self.masks.items()
+            },
+            "events": copy.deepcopy(self.events),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state_dict(). Every field is set absolutely (nothing depends on an
+        earlier call) and `state` is not modified. Checks everything before changing
+        anything."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            got = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise RuntimeStateError(f"expected a runtime state of format {STATE_FORMAT!r}, got {got!r}")
+        if state.get("method") != self.method.name:
+            raise RuntimeStateError(f"expected a state of method {self.method.name!r}, got {state.get('method')!r}")
+        step, phase = state.get("step"), state.get("phase")
+        if not isinstance(step, int) or step < 0:
+            raise RuntimeStateError(f"expected a non-negative integer step, got {step!r}")
+        if not isinstance(phase, int) or not -1 <= phase < len(self.phases):
+            raise RuntimeStateError(f"expected a phase index in [-1, {len(self.phases)}), got {phase!r}")
+        layers = state.get("layers") or {}
+        if set(layers) != set(self.masks):
+            raise RuntimeStateError(
+                f"expected layers {sorted(self.masks)}, got {sorted(layers)}")
+        for name, mask in self.masks.items():
+            entry = layers[name]
+            alive = entry.get("alive")
+            if not isinstance(alive, torch.Tensor) or tuple(alive.shape) != mask.view.grid:
+                raise RuntimeStateError(f"layer {name!r}: expected an alive grid of shape {mask.view.grid}, "
+                                        f"got {getattr(alive, 'shape', type(alive).__name__)}")
+            logits = entry.get("logits")
+            if (logits is None) != (mask.logits is None):
+                raise RuntimeStateError(f"layer {name!r}: logits present in the state and the mask disagree")
+            if logits is not None and tuple(logits.shape) != mask.view.grid:
+                raise RuntimeStateError(f"layer {name!r}: expected logits of shape {mask.view.grid}, "
+                                        f"got {tuple(logits.shape)}")
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                entry = layers[name]
+                mask.alive.copy_(entry["alive"].to(torch.bool))
+                if mask.logits is not None:
+                    mask.logits.copy_(entry["logits"])
+        self.t = step
+        self.phase_index = phase
+        self.started = bool(state.get("started", True))
+        self.events = copy.deepcopy(list(state.get("events") or []))
+        self._enforce_zeros()
+        if self.events_path:
+            self._rewrite_log()
+
+    # ---- the mechanism ------------------------------------------------------------
+    def _arrive(self, t: int) -> None:
+        entered = [i for i in sched.phases_starting_at(self.phases, t) if i > self.phase_index]
+        for i in entered:
+            self._enter(i, t)
+        phase = self.phase
+        if not entered and phase is not None and phase.kind == "sparsify":
+            progress = sched.update_progress(phase, t)
+            if progress is not None:
+                self._sparsify_update(phase, progress, t)
+
+    def _enter(self, index: int, t: int) -> None:
+        phase = self.phases[index]
+        self.phase_index = index
+        changed: Dict[str, int] = {}
+        if phase.kind == "dense":
+            for name, mask in self.masks.items():
+                dead = int((~mask.alive).sum())
+                if dead:
+                    self._zero_blocks(name, ~mask.alive)   # revived blocks restart at zero
+                    mask.alive.fill_(True)
+                changed[name] = dead
+        elif phase.kind in ("sparse", "finetune"):
+            for name in self.masks:
+                changed[name] = self._prune_to(name, self.target_blocks(name))
+        elif phase.kind != "sparsify":
+            raise RuntimeStateError(f"unknown phase kind {phase.kind!r} in phase {index}")
+        self._reset_optimizer()
+        ev = {"event": "phase", "step": t, "phase": index, "kind": phase.kind,
+              "sparsity": self._rounded_sparsity()}
+        if phase.kind == "dense":
+            ev["revived"] = changed
+        elif phase.kind != "sparsify":
+            ev["pruned"] = changed
+        else:
+            att = self._attention_summary()      # planc.report plots these at each sparsify edge
+            if att:
+                ev["attention"] = att
+        self.record(ev)
+        if phase.kind == "sparsify":
+            progress = sched.update_progress(phase, t)
+            if progress is not None:
+                self._sparsify_update(phase, progress, t)
+
+    def _sparsify_update(self, phase: Phase, progress: float, t: int) -> None:
+        curve = phase.curve or self.method.default_curve
+        c = phase.c if phase.c is not None else self.plan.method.c
+        pruned: Dict[str, int] = {}
+        for name, mask in self.masks.items():
+            s = sched.scheduled_sparsity(self.targets[name], progress, curve=curve, c=c,
+                                         initial=phase.initial)
+            final = self.target_blocks(name)
+            count = final if progress >= 1.0 else min(final, sparsify_grid_count(mask.num_blocks, s))
+            pruned[name] = self._prune_to(name, count)
+        self.record({"event": "prune", "step": t, "phase": self.phase_index, "progress": progress,
+                     "pruned": pruned, "sparsity": self._rounded_sparsity()})
+
+    @torch.no_grad()
+    def _attention_summary(self, bins: int = 24) -> Dict[str, dict]:
+        """Per attention-mode layer, the distribution of A over its alive blocks: std,
+        min, max and a histogram (`bins` equal bins over [min, max]). Plain data."""
+        out: Dict[str, dict] = {}
+        for name, mask in self.masks.items():
+            if mask.logits is None:
+                continue
+            a = mask.attention().detach().float()[mask.alive].flatten()
+            if a.numel() == 0:
+                continue
+            lo, hi = float(a.min()), float(a.max())
+            counts = torch.histc(a, bins=bins, min=lo, max=hi if hi > lo else lo + 1e-6)
+            out[name] = {"std": round(float(a.std()) if a.numel() > 1 else 0.0, 6),
+                         "min": round(lo, 6), "max": round(hi, 6),
+                         "hist": [int(c) for c in counts.tolist()]}
+        return out
+
+    @torch.no_grad()
+    def _prune_to(self, name: str, total: int) -> int:
+        """Prune the least important alive blocks of `name` until `total` are dead.
+        Returns how many it pruned now."""
+        mask = self.masks[name]
+        if int((~mask.alive).sum()) >= total:
+            return 0
+        weight = self.pruned.weight(name)
+        scores = self.method.score(mask, weight)
+        newly = select_prune(scores, mask.alive, total)
+        mask.alive &= ~newly
+        self._zero_blocks(name, newly)
+        return int(newly.sum())
+
+    @torch.no_grad()
+    def _zero_blocks(self, name: str, blocks: torch.Tensor) -> None:
+        """Zero the raw weight on `blocks` (a bool grid) and its optimizer-state entries."""
+        if not bool(blocks.any()):
+            return
+        mask = self.masks[name]
+        weight = self.pruned.weight(name)
+        hit = mask.view.expand(blocks.to(torch.bool)).to(weight.device)
+        weight.masked_fill_(hit, 0)
+        if self.optimizer is not None:
+            for value in self.optimizer.state.get(weight, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                    value.masked_fill_(hit, 0)
+
+    @torch.no_grad()
+    def _enforce_zeros(self) -> None:
+        for name, mask in self.masks.items():
+            if not bool(mask.alive.all()):
+                weight = self.pruned.weight(name)
+                weight.masked_fill_(mask.view.expand(~mask.alive).to(weight.device), 0)
+
+    def _reset_optimizer(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+
+    def _rounded_sparsity(self) -> Dict[str, float]:
+        return {n: round(s, 6) for n, s in self.sparsity().items()}
+
+    def _rewrite_log(self) -> None:
+        tmp = f"{self.events_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for ev in self.events:
+                f.write(json.dumps(ev, sort_keys=True) + "\n")
+        os.replace(tmp, self.events_path)
