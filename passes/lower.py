@@ -16,7 +16,6 @@ those whose all-zero blocks are really zero.
 """
 from __future__ import annotations
 
-import copy
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,6 +23,7 @@ from torch import fx, nn
 
 from planc import meta as M
 from planc.blocks import BlockView
+from planc.passes.pipeline import copy_module
 
 Block = Tuple[int, int]
 DEFAULT_TOKENS = 512
@@ -56,7 +56,7 @@ def lower_pass(gm: fx.GraphModule, **kw) -> Tuple[fx.GraphModule, bool]:
     if backend not in BACKENDS:
         raise ValueError(f"expected a backend in {BACKENDS}, got {backend!r}")
     if not kw.get("inplace", False):
-        gm = copy.deepcopy(gm)
+        gm = copy_module(gm)
     rows: List[dict] = []
     changed = False
     for use in weight_uses(gm):

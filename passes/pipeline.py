@@ -79,3 +79,15 @@ def _pass_error(err: BaseException, name: str, ran: Sequence[str]) -> PassError:
             _COMBINED[type(err)] = cls
         return cls(name, message, ran)
     return PassError(name, message, ran)
+
+
+def copy_module(module):
+    """A deep copy of a (graph) module. Copying an exported GraphModule deep-copies its
+    pytree specs, which makes torch 2.13 emit a FutureWarning about its own internal
+    `LeafSpec` use; that says nothing to a planc user, so it is silenced here only."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(module)

@@ -11,7 +11,6 @@ delegations to planc.runtime.Runtime, created on first use.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -19,7 +18,7 @@ from torch import fx, nn
 
 from planc.passes.bake import bake_pass
 from planc.passes.insert_masks import insert_masks_pass, masks_of
-from planc.passes.pipeline import Pass, PassContext, Pipeline
+from planc.passes.pipeline import Pass, PassContext, Pipeline, copy_module
 from planc.passes.select import TargetInfo, select_pass, targets_of
 from planc.passes.trace import trace_pass
 from planc.plan.types import ModelSpec, Plan
@@ -89,7 +88,7 @@ class Pruned:
 
     def bake(self) -> fx.GraphModule:
         """A deep copy of .module with masks folded into the weights (passes.bake)."""
-        gm, _ = bake_pass(copy.deepcopy(self.module), None)
+        gm, _ = bake_pass(copy_module(self.module), None)
         return gm
 
     def table(self) -> str:
