@@ -44,4 +44,10 @@ def run(args: argparse.Namespace) -> int:
     final = result.report["metrics"]["final"]
     shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items())
     print(f"{out}: {result.report['steps']} steps, sparsity {result.report['mean_sparsity']:.3f}, {shown}")
+    lowering = result.report.get("lowering")
+    if lowering:
+        n, total = lowering["lowered_layers"], len(lowering["layers"])
+        timed = (f", {lowering['speedup']:.2f}x the baked model's speed on inputs {lowering['inputs']}"
+                 if "speedup" in lowering else " (none predicted faster than dense)")
+        print(f"{out}: lowered {n}/{total} layers, backend {lowering['backend']}{timed}")
     return 0

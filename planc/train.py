@@ -376,6 +376,11 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
     timings["total_s"] = time.perf_counter() - t_start
     timings["steps_per_s"] = total / timings["train_s"] if timings["train_s"] else None
     report = runfolder.make_report(plan, runtime, final, history, timings)
+    if plan.lower.backend != "dense":
+        from planc.lowering import lower_and_measure
+        from planc.pruned import example_inputs_for
+
+        report["lowering"] = lower_and_measure(baked, plan, example_inputs_for(plan.model))
     if out is not None:
         runfolder.write(out, plan, pruned, baked, report, runtime.events)
         if ckpt_path and os.path.isfile(ckpt_path):
