@@ -27,6 +27,7 @@ COMMANDS: Dict[str, str] = {
     "schema": "planc.cmd_schema",
     "apply": "planc.cmd_apply",
     "bench": "planc.cmd_bench",
+    "compare": "planc.cmd_compare",
 }
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

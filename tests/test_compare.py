@@ -1,0 +1,134 @@
+"""planc compare: sweeps over plan fields, validated with positions; runs; the table."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+import yaml
+
+from planc.cli import main
+from planc.compare import build_plan, compare, expand, parse_axis
+from planc.errors import PlanError
+
+TINY = {
+    "version": 1, "name": "cmp-tiny",
+    "model": {"factory": "planc.examples.digits:mlp", "kwargs": {"hidden": 32}, "example_inputs": [[16, 64]]},
+    "targets": {"defaults": {"block": [8, 8], "sparsity": 0.5, "min_blocks": 16},
+                "rules": [{"match": {"position": "last"}, "skip": True},
+                          {"match": {"type": "Linear", "name": "layers.*"}, "sparsity": 0.75}]},
+    "method": {"name": "sequential_attention_pp", "score": "attention", "c": 4},
+    "schedule": {"preset": "simple"},
+    "train": {"data": {"factory": "planc.examples.digits:loaders", "kwargs": {"batch_size": 16}},
+              "steps": 20, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "eval_every": 0},
+}
+
+
+@pytest.fixture
+def plan_file(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    return str(p)
+
+
+def test_parse_axis():
+    assert parse_axis("block=8x8,16").values == ([8, 8], [16, 16])
+    assert parse_axis("targets.defaults.block=[8, 8],[4, 16]").values == ([8, 8], [4, 16])
+    assert parse_axis("sparsity=0.9,0.95").values == (0.9, 0.95)
+    assert parse_axis("method.score=attention,magnitude").path == "method.score"
+    assert parse_axis("c=2").path == "method.c"
+    for bad in ("c", "=1", "c=", "c=1,,2"):
+        with pytest.raises(PlanError):
+            parse_axis(bad)
+
+
+def test_sweep_overrides_plan_fields(plan_file):
+    plan = build_plan(plan_file, {"sparsity": 0.9, "block": [16, 16], "c": 8, "seed": 3})
+    assert plan.targets.defaults.sparsity == 0.9 and plan.targets.defaults.block == (16, 16)
+    assert all(r.sparsity is None for r in plan.targets.rules)     # the alias reaches every layer
+    assert plan.method.c == 8 and plan.train.seed == 3
+    dotted = build_plan(plan_file, {"targets.defaults.sparsity": 0.9})
+    assert dotted.targets.rules[1].sparsity == 0.75                # a dotted path sets exactly that field
+    acdc = build_plan(plan_file, {"method": "acdc"})
+    assert acdc.method.name == "acdc" and acdc.schedule.preset == "paper"   # `simple` is SA++'s only
+
+
+def test_schedule_variants(plan_file):
+    base = build_plan(plan_file, {})
+    nos = build_plan(plan_file, {"schedule": "no-sparsify"})
+    assert "sparsify" in [p.kind for p in base.schedule.phases]
+    assert "sparsify" not in [p.kind for p in nos.schedule.phases]
+    assert sum(p.steps for p in nos.schedule.phases) == sum(p.steps for p in base.schedule.phases) == 20
+    dense = build_plan(plan_file, {"method": "dense"})
+    assert [p.kind for p in dense.schedule.phases] == ["dense"]
+
+
+def test_bad_sweep_value_is_a_positioned_plan_error(plan_file):
+    with pytest.raises(PlanError) as err:
+        expand([plan_file], [parse_axis("c=2,-1")], seeds=None, out="unused")
+    (problem,) = err.value.problems
+    text = open(plan_file).read().splitlines()
+    assert problem.path == "method.c" and problem.line > 0
+    assert text[problem.line - 1].strip().startswith("c:")           # the line of the key it replaces
+    assert "sweep c=-1" in problem.message
+
+
+def test_cli_bad_sweep_exits_2_before_running(plan_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", plan_file, "--sweep", "method=acdc,nope", "--out", str(out)]) == 2
+    assert "sweep method=nope" in capsys.readouterr().err
+    assert not (out / "runs").exists()
+    assert main(["compare", plan_file, "--sweep", "bogus", "--out", str(out)]) == 2
+
+
+def test_compare_runs_writes_tables_matching_reports(plan_file, tmp_path):
+    out = tmp_path / "cmp"
+    logs = []
+    result = compare([plan_file], ["method=sequential_attention_pp,acdc"], seeds=2, out=str(out),
+                     log=logs.append)
+    assert (out / "compare.md").is_file() and (out / "compare.json").is_file()
+    assert (out / "compare_metric.png").stat().st_size > 1000
+    saved = json.loads((out / "compare.json").read_text())
+    assert len(saved["runs"]) == 4 and len(saved["groups"]) == 2
+    md = (out / "compare.md").read_text()
+    rows = [l for l in md.splitlines() if l.startswith("| sequential_attention_pp") or l.startswith("| acdc")]
+    assert [r.split("|")[1].strip() for r in rows] == ["sequential_attention_pp", "acdc"]
+    for g in saved["groups"]:
+        reports = [json.load(open(os.path.join(d, "report.json"))) for d in g["run_dirs"]]
+        accs = [r["metrics"]["final"]["accuracy"] for r in reports]
+        assert g["metric"]["mean"] == pytest.approx(statistics.fmean(accs))
+        assert g["metric"]["std"] == pytest.approx(statistics.stdev(accs))
+        assert g["seeds"] == [0, 1]
+        assert g["mean_sparsity"]["mean"] == pytest.approx(0.75)
+        assert {r["method"]["name"] for r in reports} == {g["values"]["method"]}
+        for d in g["run_dirs"]:
+            assert os.path.isfile(os.path.join(d, "report.md"))
+        row = next(r for r in rows if r.split("|")[1].strip() == g["values"]["method"])
+        assert f"{g['metric']['mean']:.2f} ± {g['metric']['std']:.2f}" in row
+    sapp = next(g for g in saved["groups"] if g["values"]["method"] == "sequential_attention_pp")
+    assert sapp["attention_std"] is not None
+    # the seed really changes the run
+    runs = [r for r in saved["runs"] if r["values"]["method"] == "acdc"]
+    assert runs[0]["seed"] != runs[1]["seed"]
+
+    # a second call reuses the finished folders
+    before = {d: os.path.getmtime(os.path.join(d, "model.safetensors")) for g in saved["groups"] for d in g["run_dirs"]}
+    again = compare([plan_file], ["method=sequential_attention_pp,acdc"], seeds=2, out=str(out), log=logs.append)
+    assert all(r["reused"] for r in again["runs"])
+    assert before == {d: os.path.getmtime(os.path.join(d, "model.safetensors")) for d in before}
+    assert [g["metric"] for g in again["groups"]] == [g["metric"] for g in saved["groups"]]
+
+
+def test_eval_hook_adds_columns(plan_file, tmp_path):
+    out = tmp_path / "cmp"
+    result = compare([plan_file], [], out=str(out), eval_spec="test_compare:_count_zero_weights",
+                     log=lambda s: None)
+    (g,) = result["groups"]
+    assert g["eval"]["zero_fraction"]["mean"] > 0.3
+    assert "zero_fraction" in (out / "compare.md").read_text()
+
+
+def _count_zero_weights(model, plan):
+    w = model.layers[0].weight
+    return {"zero_fraction": float((w == 0).float().mean())}
