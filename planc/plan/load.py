@@ -77,8 +77,8 @@ def read(source: Source, *, file: Optional[str] = None) -> Tuple[Any, Positions,
         label = file or str(source)
         try:
             raw = path.read_bytes()
-        except OSError as err:
-            return None, Positions(file=label), [Problem(f"cannot read plan: {err.strerror or err}", "", label)], str(path)
+        except (OSError, ValueError) as err:     # ValueError: a NUL byte in the path
+            return None, Positions(file=label), [Problem(f"cannot read plan: {getattr(err, 'strerror', None) or err}", "", label)], str(path)
         text, problems = decode(raw, label)
         if problems:
             return None, Positions(file=label), problems, str(path)

@@ -230,6 +230,8 @@ def parse(text: str, file: str = "<plan>") -> Tuple[Any, Positions, List[Problem
             return None, pos, [Problem(f"not a text file: unacceptable character {what}", "", file, line, col)]
         except yaml.YAMLError as err:                # any other reader/scanner failure
             return None, pos, [Problem(f"YAML error: {_yaml_message(err)}", "", file, 1, 1)]
+        except RecursionError:                       # e.g. 5,000 nested `[`: PyYAML's parser recurses
+            return None, pos, [Problem("document is nested too deeply", "", file, 1, 1)]
         if node is None:
             return None, pos, [Problem("empty plan: expected a mapping with at least `version` and `method`",
                                        "", file, 1, 1)]
