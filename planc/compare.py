@@ -308,8 +308,9 @@ def _import_callable(spec: str) -> Callable:
 
 
 def measure_speedup(model, plan, tokens: int = 512, repeats: int = 10) -> Optional[dict]:
-    """Baked versus lowered (planc.lower, CPU path), same inputs; None when the model
-    does not trace symbolically or nothing was lowered."""
+    """Baked versus lowered (planc.lower, CPU path, its cost model decides which layers),
+    same inputs, minimum over `repeats` in ms. None when the model does not trace
+    symbolically; speedup None when planc.lower lowered nothing."""
     import torch
     from torch import fx
 
@@ -332,7 +333,7 @@ def measure_speedup(model, plan, tokens: int = 512, repeats: int = 10) -> Option
     with torch.no_grad():
         tb = _timeit(lambda: gm(x), repeats, lambda: None)
         tl = _timeit(lambda: lowered(x), repeats, lambda: None)
-    return {"speedup": tb / tl, "baked_ms": tb * 1e3, "lowered_ms": tl * 1e3, "tokens": tokens,
+    return {"speedup": tb / tl if done else None, "baked_ms": tb, "lowered_ms": tl, "tokens": tokens,
             "lowered_layers": done}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,15 +119,26 @@ def test_compare_runs_writes_tables_matching_reports(plan_file, tmp_path):
     assert all(r["reused"] for r in again["runs"])
     assert before == {d: os.path.getmtime(os.path.join(d, "model.safetensors")) for d in before}
     assert [g["metric"] for g in again["groups"]] == [g["metric"] for g in saved["groups"]]
+    # ... but not when the plan changed
+    longer = compare([plan_file], ["method=acdc"], seeds=1, out=str(out), steps=24, log=logs.append)
+    assert not longer["runs"][0]["reused"] and longer["runs"][0]["steps"] == 24
 
 
 def test_eval_hook_adds_columns(plan_file, tmp_path):
     out = tmp_path / "cmp"
     result = compare([plan_file], [], out=str(out), eval_spec="test_compare:_count_zero_weights",
-                     log=lambda s: None)
+                     bench=True, log=lambda s: None)
     (g,) = result["groups"]
     assert g["eval"]["zero_fraction"]["mean"] > 0.3
-    assert "zero_fraction" in (out / "compare.md").read_text()
+    extra = json.loads((Path(g["run_dirs"][0]) / "compare_extra.json").read_text())
+    assert extra["bench"]["baked_ms"] > 0 and extra["bench"]["lowered_ms"] > 0
+    md = (out / "compare.md").read_text()
+    assert "zero_fraction" in md
+    if extra["bench"]["lowered_layers"]:     # the cost model may keep a 32-wide layer dense
+        assert g["speedup"]["mean"] == pytest.approx(extra["bench"]["speedup"])
+        assert f"{g['speedup']['mean']:.2f} |" in md
+    else:
+        assert g["speedup"] is None
 
 
 def _count_zero_weights(model, plan):
