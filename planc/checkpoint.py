@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -109,20 +109,91 @@ def load_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Any]:
     return tensors, meta
 
 
+def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of `tensors` (safetensors itself has no
+    checksum: a flipped byte in tensor data would load silently)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_state(path: str, state: Any) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     meta = encode(state, tensors)
-    save_tensors(path, tensors, {"state": meta})
+    save_tensors(path, tensors, {"state": meta, "sha256": tensors_digest(tensors)})
 
 
 def load_state(path: str) -> Any:
     tensors, meta = load_tensors(path)
     if not isinstance(meta, dict) or "state" not in meta:
         raise RunFolderError(f"{path}: not a planc state file")
+    digest = meta.get("sha256")
+    if digest is not None and digest != tensors_digest(tensors):
+        raise RunFolderError(f"{path}: corrupt (the tensors' sha256 differs from the one recorded when written)")
     try:
         return decode(meta["state"], tensors)
     except (KeyError, ValueError, TypeError) as err:
         raise RunFolderError(f"{path}: corrupt state ({err})") from None
+
+
+# ---- checkpoints that survive a crash at any instant and a damaged latest file ------------
+def previous_path(path: str) -> str:
+    """Where the checkpoint before `path`'s current one is kept: `x.safetensors` -> `x.prev.safetensors`."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def checkpoint_paths(path: str) -> List[str]:
+    """The checkpoint files that exist, newest first."""
+    return [p for p in (path, previous_path(path)) if os.path.isfile(p)]
+
+
+def save_state_keep_previous(path: str, state: Any) -> None:
+    """save_state, keeping the checkpoint it replaces as previous_path(path). The new file is
+    complete and fsynced (as a temporary file) before any rename, so at every instant at
+    least one complete checkpoint exists under one of the two names."""
+    tmp = f"{path}.new"
+    save_state(tmp, state)                       # temp + fsync + rename to `tmp`
+    if os.path.isfile(path):
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def load_state_or_previous(path: str, log=None) -> Tuple[Any, str]:
+    """(state, the file it came from): `path`, or, when that is missing, truncated or
+    corrupt, the previous checkpoint (named in `log`). RunFolderError naming every file
+    tried when none is good."""
+    failures: List[str] = []
+    for candidate in (path, previous_path(path)):
+        if not os.path.isfile(candidate):
+            continue
+        try:
+            state = load_state(candidate)
+        except RunFolderError as err:
+            failures.append(" ".join(str(err).split()))
+            if log is not None:
+                log(f"planc: warning: {failures[-1]}; trying the previous checkpoint")
+            continue
+        if failures and log is not None:
+            log(f"planc: using the previous checkpoint {candidate}")
+        return state, candidate
+    if not failures:
+        raise RunFolderError(f"{path}: missing")
+    raise RunFolderError(f"no usable checkpoint: {'; '.join(failures)}")
+
+
+def remove_checkpoints(path: str) -> None:
+    """The checkpoints, and temporary files a killed writer may have left."""
+    import glob
+
+    leftovers = glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".new*")
+    for p in [path, previous_path(path)] + leftovers:
+        if os.path.isfile(p):
+            os.remove(p)
 
 
 def sha256_file(path: str) -> str:

@@ -55,6 +55,9 @@ def compile(model: nn.Module, plan, example_inputs=None, *, frontend: Optional[s
     model.frontend. Raises a PassError naming the failing pass (also a TraceError or
     SelectError when that is what went wrong)."""
     plan = as_plan(plan)
+    from planc.distributed import unwrap
+
+    model = unwrap(model)          # DDP(model) compiles the model inside (planc.distributed)
     if example_inputs is None:
         example_inputs = example_inputs_for(plan.model)
     elif isinstance(example_inputs, torch.Tensor):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from planc.checkpoint import load_state, save_state
+from planc.checkpoint import checkpoint_paths, load_state_or_previous, remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError
 from planc.plan.types import Factory, Plan, Schedule
 from planc.runtime import Runtime
@@ -282,7 +282,7 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
         raise PlanError([Problem("expected the data factory to return (train_loader, eval_loader)", path="train.data")])
     train_loader, eval_loader = loaders
     pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
-    if events_path and not (resume and os.path.isfile(ckpt_path)):
+    if events_path and not (resume and checkpoint_paths(ckpt_path)):
         open(events_path, "w").close()           # a fresh run starts a fresh log
     runtime = Runtime(pruned, events_path=events_path)
     pruned.runtime = runtime                     # Pruned's delegations use this runtime
@@ -293,12 +293,13 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
     history: List[dict] = []
     timings = {"train_s": 0.0, "eval_s": 0.0}
 
-    if resume and ckpt_path and os.path.isfile(ckpt_path):
-        state = load_state(ckpt_path)
+    if resume and ckpt_path and checkpoint_paths(ckpt_path):
+        # a truncated or corrupt latest checkpoint is named and the previous one is used
+        state, used = load_state_or_previous(ckpt_path, log=log)
         if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-            raise RunFolderError(f"{ckpt_path}: not a planc checkpoint")
+            raise RunFolderError(f"{used}: not a planc checkpoint")
         if state.get("plan") != plan_fingerprint(plan):
-            raise RunFolderError(f"{ckpt_path}: written by a different plan; remove it or run without --resume")
+            raise RunFolderError(f"{used}: written by a different plan; remove it or run without --resume")
         pruned.module.load_state_dict(state["model"])
         runtime.load_state_dict(state["runtime"])
         opt.load_state_dict(state["optimizer"])
@@ -311,7 +312,7 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
         log(f"planc: no checkpoint in {out}; starting from step 0")
 
     def checkpoint() -> None:
-        save_state(ckpt_path, {
+        save_state_keep_previous(ckpt_path, {
             "format": CKPT_FORMAT, "plan": plan_fingerprint(plan), "step": runtime.t,
             "model": pruned.module.state_dict(), "optimizer": opt.state_dict(),
             "runtime": runtime.state_dict(), "loader": batches.state(), "rng": _rng_state(),
@@ -383,6 +384,6 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
         report["lowering"] = lower_and_measure(baked, plan, example_inputs_for(plan.model))
     if out is not None:
         runfolder.write(out, plan, pruned, baked, report, runtime.events)
-        if ckpt_path and os.path.isfile(ckpt_path):
-            os.remove(ckpt_path)                 # the run folder is the product now
+        if ckpt_path:
+            remove_checkpoints(ckpt_path)        # the run folder is the product now
     return TrainResult(out, pruned, baked, report, history, finished=True)

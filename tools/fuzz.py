@@ -561,7 +561,11 @@ def summarize(fz: Fuzzer, cases: int, seed: int, seconds: float, command: str) -
     findings = [o for o in fz.outcomes if o.problem]
     by_kind = Counter(o.kind for o in fz.outcomes)
     statuses = Counter(f"{o.kind}:{o.status}" for o in fz.outcomes if o.kind != "load_plan")
-    commands = Counter((o.argv[0] if o.argv else "(none)") for o in fz.outcomes if o.kind != "load_plan")
+    known = set(Fuzzer.FLAGS)
+    commands = Counter((o.argv[0] if o.argv and o.argv[0] in known else "(other or none)")
+                       for o in fz.outcomes if o.kind != "load_plan")
+    full = sum(1 for o in fz.outcomes if o.argv[:1] == ["explain"] and "--no-layers" not in o.argv)
+    slowest = max(fz.outcomes, key=lambda o: o.seconds, default=None)
     return {
         "command": command,
         "cases": cases,
@@ -576,7 +580,9 @@ def summarize(fz: Fuzzer, cases: int, seed: int, seconds: float, command: str) -
         "load_plan_non_plan_errors": sum(1 for o in findings if o.kind == "load_plan" and "hang" not in o.problem),
         "hangs": sum(1 for o in findings if (o.problem or "").startswith("hang")),
         "findings": len(findings),
-        "slowest_call_s": round(max((o.seconds for o in fz.outcomes), default=0.0), 3),
+        "explains_that_built_the_model": full,
+        "slowest_call_s": round(slowest.seconds, 3) if slowest else 0.0,
+        "slowest_call": (slowest.argv or [slowest.source]) if slowest else None,
         "seconds": round(seconds, 1),
         "details": [asdict(o) for o in findings[:200]],
     }
@@ -593,7 +599,9 @@ def markdown(summary: dict) -> str:
         f"- findings: {summary['findings']} — tracebacks {summary['tracebacks']}, internal errors "
         f"{summary['internal_errors']}, exit status outside {{0,1,2}} {summary['bad_exit_status']}, non-PlanError "
         f"from load_plan {summary['load_plan_non_plan_errors']}, hangs {summary['hangs']}",
-        f"- wall time: {summary['seconds']} s; slowest call {summary['slowest_call_s']} s", "",
+        f"- explains that built and traced the model: {summary['explains_that_built_the_model']}",
+        f"- wall time: {summary['seconds']} s; slowest call {summary['slowest_call_s']} s "
+        f"(`{summary['slowest_call']}`)", "",
     ]
     for d in summary["details"][:50]:
         lines += [f"## {d['problem']}", "", f"- from: {d['source']}", f"- argv: `{d['argv']}`",

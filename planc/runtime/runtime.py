@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from planc.blocks import sparsify_grid_count
+from planc import distributed
 from planc.errors import RuntimeStateError
 from planc.mask import BlockMask
 from planc.plan.types import Phase
@@ -336,6 +337,7 @@ class Runtime:
         weight = self.pruned.weight(name)
         scores = self.method.score(mask, weight)
         newly = select_prune(scores, mask.alive, total)
+        newly = distributed.broadcast_decision(newly)   # every rank applies rank 0's choice (planc.distributed)
         mask.alive &= ~newly
         self._zero_blocks(name, newly)
         return int(newly.sum())

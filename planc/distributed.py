@@ -1,0 +1,87 @@
+"""planc under torch.distributed (DDP, torchrun): helpers the runtime and compile call.
+
+Every pruning decision must be the same on every rank. Under DDP the weights and the
+attention logits are replicated (gradients are all-reduced, and an all-reduce gives every
+rank the same bits), so the scores that decide which blocks to prune are equal on every
+rank already. But nothing forces a user's ranks to hold equal state (a rank-local tweak,
+a different initial seed without DDP's initial broadcast, a non-deterministic kernel), and
+one divergent decision is permanent: each rank zeroes the raw weights of the blocks *it*
+pruned, and DDP only ever synchronises gradients and buffers, not parameters. So the
+runtime broadcasts each decision (the bool grid of blocks to prune now) from rank 0 and
+every rank applies rank 0's; with one process, or without an initialised process group,
+these helpers do nothing.
+
+- `broadcast_decision(grid)`: rank 0's grid on every rank (one small broadcast per layer
+  and pruning step; collective, so every rank must call it in the same order — the runtime
+  does, because its schedule is a function of the step only).
+- `assert_synchronized(masks)`: raise RuntimeStateError if the alive grids differ
+  between ranks (for tests and debugging; one all-gather of a checksum per layer).
+- `unwrap(model)`: the module inside DistributedDataParallel / DataParallel, so
+  `planc.compile(DDP(model), plan)` compiles the model itself. Layer names are those of
+  the unwrapped model (`layers.0`); rules written for the wrapped names (`module.layers.*`)
+  match too (passes.select strips a leading `module.`).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from planc.errors import RuntimeStateError
+
+
+def active() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_decision(grid: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """`grid` (bool) as rank `src` has it, on every rank; `grid` itself without a group."""
+    if not active():
+        return grid
+    import torch.distributed as dist
+
+    buf = grid.to(device=_device(), dtype=torch.uint8).contiguous()
+    dist.broadcast(buf, src=src)
+    return buf.to(device=grid.device, dtype=torch.bool).view_as(grid)
+
+
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().flatten().to(torch.float64).cpu()
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    return torch.stack([flat.sum(), (flat * weights).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)])
+
+
+def assert_synchronized(masks: Mapping[str, nn.Module]) -> None:
+    """RuntimeStateError naming the first layer whose alive grid differs between ranks."""
+    if not active():
+        return
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for name, mask in masks.items():
+        mine = _checksum(mask.alive).to(_device())
+        everyone = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+        if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
+            raise RuntimeStateError(f"layer {name!r}: the pruning masks differ between ranks "
+                                    f"(rank {dist.get_rank()} of {world})")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers (any depth)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
