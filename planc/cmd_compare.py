@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure each run's lowered (block-sparse CPU) speedup over its baked model")
     parser.add_argument("--title", default=None, help="the table's title")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    parser.add_argument("--no-run", action="store_true",
+                        help="write the table from the runs already finished in DIR (an interrupted "
+                             "comparison); list the missing ones")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         else None
     result = compare(args.plans, args.sweep, seeds=args.seeds, out=args.out, steps=args.steps, jobs=args.jobs,
                      threads=args.threads, force=args.force, eval_spec=args.eval, bench=args.bench,
-                     title=args.title, command=command)
+                     title=args.title, command=command, no_run=args.no_run)
     print(f"{args.out}/compare.md: {len(result['groups'])} rows from {len(result['runs'])} runs "
           f"in {result['elapsed_s']:.0f} s")
     return 0

@@ -489,9 +489,10 @@ def to_markdown(groups: Sequence[dict], title: str = "Comparison", command: Opti
     eval_names: List[str] = []
     for g in groups:
         eval_names += [k for k in g["eval"] if k not in eval_names]
-    mname = "/".join(metric_names)
-    head = (["plan"] if len(plans) > 1 else []) + keys + ["seeds", mname, "val. loss", "sparsity", "wall s"] \
-        + eval_names + ["std(A)", "lowered speedup"]
+    only_loss = metric_names == ["loss"]          # the metric is the loss: one column, not two
+    mname = "val. loss" if only_loss else "/".join(metric_names)
+    head = (["plan"] if len(plans) > 1 else []) + keys + ["seeds", mname] + ([] if only_loss else ["val. loss"]) \
+        + ["sparsity", "wall s"] + eval_names + ["std(A)", "lowered speedup"]
     lines = [f"# {title}", ""]
     if command:
         lines += ["```", command, "```", ""]
@@ -501,8 +502,8 @@ def to_markdown(groups: Sequence[dict], title: str = "Comparison", command: Opti
     for g in groups:
         spec = ".2f" if g["metric_name"] == "accuracy" else ".4g"
         cells = ([g["plan"]] if len(plans) > 1 else []) + [fmt_value(g["values"].get(k, "")) for k in keys]
-        cells += [str(len(g["seeds"])), _pm(g["metric"], spec), _pm(g["loss"], ".3f"),
-                  _pm(g["mean_sparsity"], ".3f"), _pm(g["wall_s"], ".1f")]
+        cells += [str(len(g["seeds"])), _pm(g["metric"], spec)] + ([] if only_loss else [_pm(g["loss"], ".3f")])
+        cells += [_pm(g["mean_sparsity"], ".3f"), _pm(g["wall_s"], ".1f")]
         cells += [_pm(g["eval"].get(k), ".4f") for k in eval_names]
         cells += [_pm(g["attention_std"], ".3f"), _pm(g["speedup"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -585,15 +586,38 @@ def write_tables(rows: Sequence[dict], out, *, title: str = "Comparison", comman
     return result
 
 
+def finished(job: Job) -> bool:
+    """Whether the job's folder holds a finished run of exactly its plan."""
+    from planc import load_plan
+    from planc.train import plan_fingerprint
+
+    run_dir = Path(job.run_dir)
+    if not (run_dir / "report.json").is_file() or not (run_dir / "plan.yaml").is_file():
+        return False
+    try:
+        return plan_fingerprint(load_plan(str(run_dir / "plan.yaml"))) == plan_fingerprint(load_plan(job.plan_yaml))
+    except PlanError:
+        return False
+
+
 def compare(plan_files: Sequence[str], sweeps: Sequence[str] = (), *, seeds: Optional[int] = None, out: str,
             steps: Optional[int] = None, jobs: int = 1, threads: int = 0, force: bool = False,
             eval_spec: Optional[str] = None, bench: bool = False, title: Optional[str] = None,
-            command: Optional[str] = None, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
-    """The whole comparison: expand and validate every run, run them, write the tables."""
+            command: Optional[str] = None, no_run: bool = False,
+            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+    """The whole comparison: expand and validate every run, run them, write the tables.
+    `no_run`: tabulate only the runs already finished in `out` (the others are logged
+    as missing), e.g. after an interrupted comparison."""
     axes = [parse_axis(s) for s in sweeps]
     if eval_spec:
         _import_callable(eval_spec)                       # fail before any training
     all_jobs = expand(plan_files, axes, seeds=seeds, out=out, steps=steps)
+    if no_run:
+        missing = [j for j in all_jobs if not finished(j)]
+        for j in missing:
+            log(f"missing (not run): {j.label}")
+        all_jobs = [j for j in all_jobs if j not in missing]
+        force = False
     t0 = time.perf_counter()
     rows = run_jobs(all_jobs, jobs_n=jobs, threads=threads, force=force, eval_spec=eval_spec, bench=bench, log=log)
     result = write_tables(rows, out, title=title or "Comparison", command=command)

@@ -123,6 +123,15 @@ def test_compare_runs_writes_tables_matching_reports(plan_file, tmp_path):
     longer = compare([plan_file], ["method=acdc"], seeds=1, out=str(out), steps=24, log=logs.append)
     assert not longer["runs"][0]["reused"] and longer["runs"][0]["steps"] == 24
 
+    # --no-run: a table from the finished runs only (acdc seed 0 now holds another plan)
+    logs.clear()
+    partial = compare([plan_file], ["method=sequential_attention_pp,acdc"], seeds=3, out=str(out), no_run=True,
+                      log=logs.append)
+    assert sorted((r["values"]["method"], r["seed"]) for r in partial["runs"]) == [
+        ("acdc", 1), ("sequential_attention_pp", 0), ("sequential_attention_pp", 1)]
+    assert len([l for l in logs if l.startswith("missing (not run)")]) == 3
+    assert not any("seed=2" in d for d in os.listdir(out / "runs"))
+
 
 def test_eval_hook_adds_columns(plan_file, tmp_path):
     out = tmp_path / "cmp"
