@@ -82,15 +82,23 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
         yt = b.expand(gr, r, M).contiguous()
     if bsm.nnz:
         panels = bsm.grouped_by_column().to(cd).reshape(bsm.nnz * r, c)
-        trow = bsm.trow.long()
-        tc = bsm.tcrow.tolist()
-        for j in range(gc):
-            a, e = tc[j], tc[j + 1]
-            if a == e:
-                continue
-            prod = torch.mm(panels[a * r:e * r], xt[j * c:(j + 1) * c])   # (k·r, M)
-            yt.index_add_(0, trow[a:e], prod.view(e - a, r, M))
+        _accumulate_panels(yt, panels, xt, bsm.tcrow.tolist(), bsm.trow.long(), r, c)
     return yt.view(gr * r, M)[:R].t().to(out_dtype)
+
+
+def _accumulate_panels(out: torch.Tensor, panels: torch.Tensor, src_t: torch.Tensor, ptr, dest: torch.Tensor,
+                       out_width: int, in_width: int) -> None:
+    """The column-panel scheme shared by forward and dX. Group g of blocks (ptr[g] to
+    ptr[g+1], stacked in `panels` as (k·out_width, in_width)) all read the same slab
+    src_t[g·in_width : (g+1)·in_width] (token-minor), so one GEMM serves the group; its
+    k block products are scatter-added into `out` (groups, out_width, M) at `dest`."""
+    M = src_t.shape[1]
+    for g in range(len(ptr) - 1):
+        a, e = ptr[g], ptr[g + 1]
+        if a == e:
+            continue
+        prod = torch.mm(panels[a * out_width:e * out_width], src_t[g * in_width:(g + 1) * in_width])
+        out.index_add_(0, dest[a:e], prod.view(e - a, out_width, M))
 
 
 def grad_input(dy: torch.Tensor, bsm: BlockSparseMatrix) -> torch.Tensor:
@@ -105,14 +113,7 @@ def grad_input(dy: torch.Tensor, bsm: BlockSparseMatrix) -> torch.Tensor:
     if bsm.nnz:
         dyt = _token_minor(dy, gr * r, cd)
         panels = bsm.values.detach().to(cd).transpose(1, 2).reshape(bsm.nnz * c, r)   # Wᵀ blocks
-        col = bsm.col.long()
-        rc = bsm.crow.tolist()
-        for i in range(gr):
-            a, e = rc[i], rc[i + 1]
-            if a == e:
-                continue
-            prod = torch.mm(panels[a * c:e * c], dyt[i * r:(i + 1) * r])   # (k·c, M)
-            dxt.index_add_(0, col[a:e], prod.view(e - a, c, M))
+        _accumulate_panels(dxt, panels, dyt, bsm.crow.tolist(), bsm.col.long(), c, r)
     return dxt.view(gc * c, M)[:C].t().to(out_dtype)
 
 

@@ -22,6 +22,7 @@ from planc.passes.pipeline import Pass, PassContext, Pipeline, copy_module
 from planc.passes.select import TargetInfo, select_pass, targets_of
 from planc.passes.trace import trace_pass
 from planc.plan.types import ModelSpec, Plan
+from planc.runtime.access import RuntimeAccess
 
 PIPELINE = Pipeline([Pass("trace", trace_pass), Pass("select", select_pass), Pass("insert_masks", insert_masks_pass)])
 
@@ -69,7 +70,7 @@ def compile(model: nn.Module, plan, example_inputs=None, *, frontend: Optional[s
     return Pruned(gm, plan, example_inputs=example_inputs)
 
 
-class Pruned:
+class Pruned(RuntimeAccess):
     """A model compiled for pruning. See the module docstring."""
 
     def __init__(self, module: fx.GraphModule, plan: Plan, example_inputs: Any = ()):
@@ -100,37 +101,6 @@ class Pruned:
 
     def __repr__(self) -> str:
         return f"Pruned({type(self.module).__name__}: {len(self.masks)} masked of {len(self.targets)} layers)"
-
-    # ---- the runtime (planc.runtime), created on first use -----------------------------
-    def _rt(self):
-        if self.runtime is None:
-            from planc.runtime import Runtime
-
-            self.runtime = Runtime(self)
-        return self.runtime
-
-    def param_groups(self, **kw):
-        return self._rt().param_groups(**kw)
-
-    def attach(self, optimizer):
-        return self._rt().attach(optimizer)
-
-    def step(self):
-        return self._rt().step()
-
-    def state_dict(self):
-        return self._rt().state_dict()
-
-    def load_state_dict(self, sd):
-        return self._rt().load_state_dict(sd)
-
-    @property
-    def events(self):
-        return self._rt().events
-
-    @property
-    def phase(self):
-        return self._rt().phase
 
 
 def layer_table(targets, masks: Optional[Dict[str, Any]] = None) -> str:

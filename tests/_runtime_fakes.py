@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from planc.mask import BlockMask
 from planc.plan.types import Method, Phase, Plan, Schedule, TargetSettings, Targets
-from planc.runtime import Runtime
+from planc.runtime.access import RuntimeAccess
 
 MODE = {"sequential_attention_pp": "attention", "powerprop": "powerprop"}
 
@@ -38,7 +38,7 @@ def make_plan(method: str = "sequential_attention_pp", schedule=(), block=(4, 4)
     )
 
 
-class FakePruned:
+class FakePruned(RuntimeAccess):
     def __init__(self, model: nn.Module, plan: Plan, layers: Sequence[str],
                  sparsity: Dict[str, float] | None = None):
         self.module = model
@@ -65,31 +65,6 @@ class FakePruned:
         for name in self.masks:
             parametrize.remove_parametrizations(baked.get_submodule(name), "weight", leave_parametrized=True)
         return baked
-
-    # the delegations planc.compile's Pruned provides
-    def _rt(self) -> Runtime:
-        if self.runtime is None:
-            self.runtime = Runtime(self)
-        return self.runtime
-
-    def param_groups(self, **kw):
-        return self._rt().param_groups(**kw)
-
-    def attach(self, opt):
-        return self._rt().attach(opt)
-
-    def step(self):
-        return self._rt().step()
-
-    def state_dict(self):
-        return self._rt().state_dict()
-
-    def load_state_dict(self, sd):
-        return self._rt().load_state_dict(sd)
-
-    @property
-    def events(self):
-        return self._rt().events
 
 
 class MLP(nn.Module):
