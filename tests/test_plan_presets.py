@@ -33,7 +33,9 @@ def test_min_steps_is_a_true_bound():
     for method, preset in ALL:
         n = min_steps(method, preset)
         for total in range(n, n + 200):
-            expand(method, preset, total)
+            phases = expand(method, preset, total)
+            assert sum(p.steps for p in phases) == total
+            assert all(p.steps >= 1 for p in phases) or preset == "pretrained"
 
 
 def test_apportion_ties_go_to_the_earlier_phase():

@@ -43,7 +43,8 @@ def _check(model, inputs, other_inputs, p, expected, tol=1e-6):
 def test_mlp():
     model = mlp(hidden=64, dropout=0.1)
     p = plan(block=(8, 8), rules=({"match": Match(position="last"), "skip": True},))
-    _check(model, (torch.randn(8, 64),), (torch.randn(3, 64),), p, ["layers.0", "layers.3"])
+    pruned = _check(model, (torch.randn(8, 64),), (torch.randn(3, 64),), p, ["layers.0", "layers.3"])
+    assert [t.name for t in pruned.targets if not t.targeted] == ["head"]
 
 
 @pytest.mark.parametrize("frontend", ["export", "symbolic"])
