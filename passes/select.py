@@ -21,7 +21,8 @@ grid has fewer than `min_blocks` blocks (the paper's rule), when its target spar
 0, when it is a grouped convolution (its (out, kh·kw·in/groups) view is not one matrix
 product), or when its weight is shared with another use (tied weights: masking one use
 and baking would silently change the other). A rule that matches no layer at all is a
-SelectError listing the closest layer names.
+SelectError listing the closest layer names; so is a plan under which every layer stays
+dense (nothing would be pruned).
 """
 from __future__ import annotations
 
@@ -82,10 +83,13 @@ def select(gm: fx.GraphModule, targets) -> Tuple[fx.GraphModule, bool]:
     _check_rules(targets.rules, layers, first, last)
     shared = _shared_weights(gm, uses)
 
+    infos = [(group, _decide(gm, name, group[0], group, order, targets, name in first, name in last,
+                             shared.get(group[0].weight_target)))
+             for order, (name, group) in enumerate(layers.items())]
+    _check_something_pruned([info for _, info in infos])
+
     changed = False
-    for order, (name, group) in enumerate(layers.items()):
-        use = group[0]
-        info = _decide(gm, name, use, group, order, targets, name in first, name in last, shared.get(use.weight_target))
+    for group, info in infos:
         for u in group:
             if u.node.meta.get(meta.TARGET) != info:
                 u.node.meta[meta.TARGET] = info
@@ -207,6 +211,18 @@ def _matches(match, name: str, use: WeightUse, is_first: bool, is_last: bool) ->
     if match.position == "last" and not is_last:
         return False
     return True
+
+
+def _check_something_pruned(infos: Sequence[TargetInfo]) -> None:
+    """A plan that prunes nothing is a mistake (a wrong model, or min_blocks/skip rules
+    that exclude every layer): training it would spend the whole schedule for nothing."""
+    if any(info.targeted for info in infos):
+        return
+    if not infos:
+        raise SelectError("targets: no layer to prune: the model applies no weight through a Linear or Conv2d layer")
+    reasons = "; ".join(f"{info.name}: {info.skip_reason}" for info in infos[:4])
+    more = f"; and {len(infos) - 4} more" if len(infos) > 4 else ""
+    raise SelectError(f"targets: no layer to prune: all {len(infos)} layers stay dense ({reasons}{more})")
 
 
 def _check_rules(rules, layers: Dict[str, List[WeightUse]], first, last) -> None:

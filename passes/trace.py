@@ -29,8 +29,12 @@ torch.export both do: the passes after this one rewrite the graph, not the model
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -162,7 +166,8 @@ def _export(model, args, kwargs, dynamic, dynamic_shapes) -> fx.GraphModule:
     was_training = model.training
     model.train()            # every mode-dependent op appears in a train-mode export
     try:
-        ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+        with _torch_output_held():
+            ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
     finally:
         model.train(was_training)
     em = ep.module()
@@ -171,6 +176,44 @@ def _export(model, args, kwargs, dynamic, dynamic_shapes) -> fx.GraphModule:
     _follow_mode(gm)
     gm.train(was_training)
     return gm
+
+
+class _Held(logging.Handler):
+    """Stands in for one logger's handlers and keeps what reaches them, in order."""
+
+    def __init__(self, handlers, sink: list):
+        super().__init__(logging.DEBUG)
+        self.handlers, self.sink = handlers, sink
+
+    def emit(self, record):
+        self.sink.append((self.handlers, record))
+
+
+@contextlib.contextmanager
+def _torch_output_held():
+    """Hold what torch prints while export runs. When export fails, its fake-tensor and
+    shape loggers print the failure as a logged traceback, and export itself prints the
+    partial graph to sys.stderr, all before the exception reaches planc, which reports it
+    in one line: what was held is dropped. When export succeeds, the held records and text
+    go out as they would have."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+               if n == "torch" or n.startswith("torch.")]
+    sink: list = []
+    saved = {lg: lg.handlers for lg in loggers if lg.handlers}
+    for lg, handlers in saved.items():
+        lg.handlers = [_Held(handlers, sink)]
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text):
+            yield
+    finally:
+        for lg, handlers in saved.items():
+            lg.handlers = handlers
+    sys.stderr.write(text.getvalue())      # reached only when export succeeded
+    for handlers, record in sink:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def _dynamic_shapes(model, args, kwargs):

@@ -235,7 +235,7 @@ def build_plan(plan_file: str, values: Dict[str, Any], *, steps: Optional[int] =
         if problems:
             raise PlanError([dataclasses.replace(p, message=f"sweep {key}={fmt_value(value)}: {p.message}")
                              for p in problems])
-    plan = resolve(data, origin=origin)
+    plan = resolve(data, origin=origin, positions=pos)
     if steps is not None:
         from planc.train import scale_schedule
 

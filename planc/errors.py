@@ -52,6 +52,11 @@ class SelectError(PlancError):
     """The plan's rules do not fit the model (a rule that matches nothing, ...)."""
 
 
+class FactoryError(PlancError):
+    """Code a plan names (model.factory, train.data) raised when imported or called;
+    the message places the plan key and names the exception."""
+
+
 class RuntimeStateError(PlancError):
     """The pruning runtime was used wrongly or given state it cannot load."""
 

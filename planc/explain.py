@@ -3,7 +3,6 @@ training — the layer table, parameters and FLOPs per example input before and 
 (at the plan's target sparsities), and optionally the rewritten graph."""
 from __future__ import annotations
 
-import importlib
 from typing import Dict, Tuple
 
 import torch
@@ -18,15 +17,11 @@ aten = torch.ops.aten
 
 def build_model(plan) -> nn.Module:
     """The plan's model from model.factory ("module:callable" and kwargs)."""
-    factory = plan.model.factory
-    if factory is None:
+    from planc.train import call_factory
+
+    if plan.model.factory is None:
         raise PlancError("the plan has no model.factory: explain needs a model to build")
-    module_name, _, attr = factory.path.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise PlancError(f"model.factory {factory.path!r}: cannot import it ({err})") from err
-    return fn(**factory.kwargs_dict())
+    return call_factory(plan, "model.factory")
 
 
 def layer_report(plan, show_graph: bool = False) -> str:

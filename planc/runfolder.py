@@ -139,7 +139,7 @@ def read(run_dir: str, model: Optional[torch.nn.Module] = None) -> Run:
         if spec is None:
             raise RunFolderError(f"{run_dir}: the plan has no model.factory; pass the model to rebuild")
         torch.manual_seed(0)   # the values are overwritten; seeding keeps construction quiet and repeatable
-        model = call_factory(spec, "model.factory")
+        model = call_factory(plan, "model.factory")
 
     weights, _ = load_tensors(os.path.join(run_dir, MODEL))
     expected = model.state_dict()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from planc.checkpoint import checkpoint_paths, load_state_or_previous, remove_checkpoints, save_state_keep_previous
-from planc.errors import PlancError, PlanError, Problem, RunFolderError
+from planc.errors import FactoryError, PlancError, PlanError, Problem, RunFolderError
 from planc.plan.types import Factory, Plan, Schedule
 from planc.runtime import Runtime
 
@@ -35,20 +35,37 @@ CKPT_FORMAT = "planc.checkpoint/1"
 
 
 # ---- building things from the plan --------------------------------------------------
-def call_factory(factory: Factory, where: str):
-    """Import `module:callable` (the callable may be dotted) and call it with the kwargs."""
+def call_factory(plan: Plan, where: str = "model.factory", factory: Optional[Factory] = None):
+    """Import the plan's `module:callable` at `where` ("model.factory" or "train.data";
+    the callable may be dotted) and call it with its kwargs. `factory` replaces the
+    plan's own. A name that does not import is a PlanError at the key's line (the plan
+    is wrong); code that raises is a FactoryError (the user's code failed)."""
+    if factory is None:
+        factory = plan.model.factory if where == "model.factory" else plan.train.data
+    if factory is None:
+        raise PlanError([plan.problem(where, f"expected {where} in the plan, to build the model and data from")])
     module_name, sep, attr = factory.path.partition(":")
     if not sep or not module_name or not attr:
-        raise PlanError([Problem(f"expected 'module:callable', got {factory.path!r}", path=where)])
+        raise PlanError([plan.problem(where, f"expected 'module:callable', got {factory.path!r}")])
     try:
         obj = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as err:
-        raise PlanError([Problem(f"cannot import {factory.path!r}: {err}", path=where)]) from None
+        raise PlanError([plan.problem(where, f"cannot import {factory.path!r}: {err}")]) from None
+    except Exception as err:          # the module itself raised while importing
+        raise FactoryError(f"{plan.problem(where, f'importing {factory.path!r} raised {_describe(err)}')}") from err
     if not callable(obj):
-        raise PlanError([Problem(f"{factory.path!r} is not callable", path=where)])
-    return obj(**factory.kwargs_dict())
+        raise PlanError([plan.problem(where, f"{factory.path!r} is not callable")])
+    try:
+        return obj(**factory.kwargs_dict())
+    except Exception as err:
+        raise FactoryError(f"{plan.problem(where, f'{factory.path!r} raised {_describe(err)}')}") from err
+
+
+def _describe(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def make_optimizer(plan: Plan, runtime: Runtime) -> torch.optim.Optimizer:
@@ -60,7 +77,7 @@ def make_optimizer(plan: Plan, runtime: Runtime) -> torch.optim.Optimizer:
         groups = runtime.param_groups(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
         return cls(groups, lr=o.lr)
-    raise PlanError([Problem(f"expected optimizer sgd, adam or adamw, got {o.name!r}", path="train.optimizer.name")])
+    raise PlanError([plan.problem("train.optimizer.name", f"expected optimizer sgd, adam or adamw, got {o.name!r}")])
 
 
 def lr_factor(step: int, total: int, kind: str, warmup: int) -> float:
@@ -84,7 +101,7 @@ def scale_schedule(plan: Plan, steps: int) -> Plan:
     length (planc.plan.presets); explicit phases are scaled proportionally (boundaries
     rounded, sparsify intervals kept). Used by `planc apply --steps`."""
     if steps <= 0:
-        raise PlanError([Problem(f"expected a positive number of steps, got {steps}", path="train.steps")])
+        raise PlanError([plan.problem("train.steps", f"expected a positive number of steps, got {steps}")])
     m = plan.method
     if plan.schedule.preset is not None:
         from planc.plan import presets
@@ -93,8 +110,8 @@ def scale_schedule(plan: Plan, steps: int) -> Plan:
             phases = presets.expand(m.name, plan.schedule.preset, steps, c=m.c, every=m.update_every)
         except ValueError as err:
             need = presets.min_steps(m.name, plan.schedule.preset)
-            raise PlanError([Problem(f"{err}; preset {plan.schedule.preset!r} needs at least {need} steps",
-                                     path="train.steps")]) from None
+            raise PlanError([plan.problem("train.steps",
+                                          f"{err}; preset {plan.schedule.preset!r} needs at least {need} steps")]) from None
     else:
         old = plan.schedule.total_steps or plan.train.steps
         bounds = [p.start for p in plan.schedule.phases] + [old]
@@ -266,9 +283,9 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
 
     t_start = time.perf_counter()
     if plan.model.factory is None:
-        raise PlanError([Problem("the built-in trainer needs model.factory", path="model.factory")])
+        raise PlanError([plan.problem("model.factory", "the built-in trainer needs model.factory")])
     if plan.train.data is None:
-        raise PlanError([Problem("the built-in trainer needs train.data", path="train.data")])
+        raise PlanError([plan.problem("train.data", "the built-in trainer needs train.data")])
     total = plan.train.steps
     if out is not None:
         os.makedirs(out, exist_ok=True)
@@ -276,10 +293,10 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
     events_path = os.path.join(out, runfolder.EVENTS) if out is not None else None
 
     _seed_all(plan.train.seed)
-    model = call_factory(plan.model.factory, "model.factory")
-    loaders = call_factory(plan.train.data, "train.data")
+    model = call_factory(plan, "model.factory")
+    loaders = call_factory(plan, "train.data")
     if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
-        raise PlanError([Problem("expected the data factory to return (train_loader, eval_loader)", path="train.data")])
+        raise PlanError([plan.problem("train.data", "expected the data factory to return (train_loader, eval_loader)")])
     train_loader, eval_loader = loaders
     pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
     if events_path and not (resume and checkpoint_paths(ckpt_path)):

@@ -39,11 +39,12 @@ def test_rules_first_match_wins_and_defaults():
 
 
 def test_min_blocks_reason():
+    # Every layer stays dense here, so select refuses the plan, naming each layer's reason.
     gm = _mlp_graph(depth=1)
-    gm, _ = select(gm, plan(block=(16, 16), min_blocks=9, rules=({"match": Match(name="head"), "sparsity": 0.0},)))
-    t = {x.name: x for x in targets_of(gm)}
-    assert t["layers.0"].skip_reason == "8 blocks < min_blocks 9"
-    assert t["head"].skip_reason == "target sparsity 0"
+    with pytest.raises(SelectError) as err:
+        select(gm, plan(block=(16, 16), min_blocks=9, rules=({"match": Match(name="head"), "sparsity": 0.0},)))
+    assert str(err.value) == ("targets: no layer to prune: all 2 layers stay dense "
+                              "(layers.0: 8 blocks < min_blocks 9; head: target sparsity 0)")
 
 
 def test_grouped_conv_is_skipped_with_reason_and_functional_weights_are_layers():
@@ -123,9 +124,11 @@ def test_tied_weights_are_skipped():
             super().__init__()
             self.enc, self.dec = nn.Linear(8, 8), nn.Linear(8, 8)
             self.dec.weight = self.enc.weight
+            self.head = nn.Linear(8, 8)
 
         def forward(self, x):
-            return self.dec(self.enc(x))
+            return self.head(self.dec(self.enc(x)))
 
     gm, _ = select(fx.symbolic_trace(Tied()), plan(block=(2, 2)))
-    assert all("tied" in t.skip_reason for t in targets_of(gm))
+    t = {x.name: x for x in targets_of(gm)}
+    assert "tied" in t["enc"].skip_reason and t["head"].targeted

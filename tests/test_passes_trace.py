@@ -116,3 +116,35 @@ def test_check_catches_mode_dependent_control_flow():
 def test_a_graph_module_passes_through():
     gm = fx.symbolic_trace(mlp(hidden=8, depth=1))
     assert trace(gm, ()) is gm
+
+
+def test_torch_output_is_held_during_export_dropped_on_failure_and_replayed_on_success(capsys):
+    import logging
+    import sys
+
+    from planc.passes.trace import _torch_output_held
+
+    class Seen(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger, seen = logging.getLogger("torch._subclasses.fake_tensor"), Seen()
+    logger.addHandler(seen)
+    try:
+        with pytest.raises(RuntimeError):
+            with _torch_output_held():
+                logger.error("a logged traceback")
+                print("a partial graph", file=sys.stderr)
+                raise RuntimeError("export failed")
+        assert seen.messages == [] and "a partial graph" not in capsys.readouterr().err
+        with _torch_output_held():
+            logger.warning("kept warning")
+            assert seen.messages == []                 # held while export runs
+        assert seen.messages == ["kept warning"]       # replayed once it succeeded
+        assert seen in logger.handlers and len([h for h in logger.handlers if h is seen]) == 1
+    finally:
+        logger.removeHandler(seen)

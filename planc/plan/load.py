@@ -63,7 +63,7 @@ def load_plan(source: Source, *, file: Optional[str] = None) -> Plan:
     problems = check(data, pos, problems)
     if problems:
         raise PlanError(problems)
-    return resolve(data, origin=origin)
+    return resolve(data, origin=origin, positions=pos)
 
 
 def read(source: Source, *, file: Optional[str] = None) -> Tuple[Any, Positions, List[Problem], Optional[str]]:
@@ -304,7 +304,7 @@ def _pair(value, cast):
     return None if value is None else (cast(value[0]), cast(value[1]))
 
 
-def resolve(data: dict, *, origin: Optional[str] = None) -> Plan:
+def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Positions] = None) -> Plan:
     """Valid plan data → Plan, defaults filled and presets expanded. Call check() first."""
     model_raw = data.get("model", {})
     d = ModelSpec()
@@ -385,4 +385,4 @@ def resolve(data: dict, *, origin: Optional[str] = None) -> Plan:
     default_name = Path(origin).stem if origin else Plan().name
     return Plan(version=int(data["version"]), name=data.get("name", default_name), model=model,
                 targets=targets, method=method, schedule=schedule, train=train, lower=lower,
-                output=data.get("output"), source=origin)
+                output=data.get("output"), source=origin, positions=positions)

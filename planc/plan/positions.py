@@ -94,6 +94,17 @@ class Positions:
         line, col = self.at(path, key=key)
         return Problem(message=message, path=format_path(path), file=self.file, line=line, col=col)
 
+    def problem_at(self, dotted: str, message: str) -> Problem:
+        """problem() for a path written as text ("targets.rules[1].block"); a path the
+        document does not hold is placed at its nearest ancestor that it does."""
+        by_text = {format_path(p): p for p in self.values}
+        probe = dotted
+        while probe and probe not in by_text:
+            shorter = re.sub(r"(^|\.)[^.\[\]]+$|\[[^\]]*\]$", "", probe)
+            probe = shorter if shorter != probe else ""     # never loop on a path it cannot parse
+        line, col = self.values.get(by_text.get(probe, ()), (0, 0))
+        return Problem(message=message, path=dotted, file=self.file, line=line, col=col)
+
 
 def _mark(node_or_mark) -> Tuple[int, int]:
     mark = getattr(node_or_mark, "start_mark", node_or_mark)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
+from planc.errors import Problem
+
 # The four methods of the SequentialAttention++ paper, by their plan names.
 METHODS = ("sequential_attention_pp", "acdc", "magnitude", "powerprop")
 # Phase kinds. dense: every block alive, nothing pruned (revived blocks restart at zero);
@@ -160,3 +162,13 @@ class Plan:
     lower: Lower = Lower()
     output: Optional[str] = None
     source: Optional[str] = field(default=None, compare=False)   # file it came from
+    # where each value stood in the file (planc.plan.positions.Positions), so errors
+    # found after loading (a factory that will not import, ...) still name line and column
+    positions: Any = field(default=None, compare=False, repr=False)
+
+    def problem(self, path: str, message: str) -> Problem:
+        """A Problem at `path` ("train.data", "targets.rules[1].block") of this plan,
+        placed at its line and column when the plan came from YAML text."""
+        if self.positions is not None:
+            return self.positions.problem_at(path, message)
+        return Problem(message=message, path=path, file=self.source or "<plan>")
