@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from types import ModuleType
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -84,6 +85,14 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _error(text: str) -> None:
+    """Print an error to stderr. Under torchrun every rank reports; lines from ranks
+    other than 0 say which rank they come from."""
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else "0"
+    prefix = "" if rank == "0" else f"[rank {rank}] "
+    print("\n".join(prefix + line for line in text.splitlines()), file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from planc.errors import PlancError, PlanError, SelectError
 
@@ -95,28 +104,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except SystemExit as done:          # argparse's own exit: --help (0) or bad usage (2)
             return int(done.code or 0) if not isinstance(done.code, str) else EXIT_USAGE
         if args.command in broken:
-            print(f"planc: command {args.command!r} is unavailable: {_one_line(broken[args.command])}", file=sys.stderr)
+            _error(f"planc: command {args.command!r} is unavailable: {_one_line(broken[args.command])}")
             return EXIT_ERROR
         if not getattr(args, "_run", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return int(args._run(args))
     except PlanError as err:
-        print(str(err), file=sys.stderr)       # one line per problem already
+        _error(str(err))                     # one line per problem already
         return EXIT_USAGE
     except SelectError as err:               # the plan's rules do not fit the model
-        print(f"planc: {_one_line(err)}", file=sys.stderr)
+        _error(f"planc: {_one_line(err)}")
         return EXIT_USAGE
     except PlancError as err:
-        print(f"planc: {_one_line(err)}", file=sys.stderr)
+        _error(f"planc: {_one_line(err)}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("planc: interrupted", file=sys.stderr)
+        _error("planc: interrupted")
         return 130
     except BrokenPipeError:                  # `planc schema | head`
         return EXIT_OK
     except Exception as err:                 # never a traceback
-        print(f"planc: internal error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        _error(f"planc: internal error: {type(err).__name__}: {_one_line(err)}")
         return EXIT_ERROR
 
 

@@ -1,6 +1,10 @@
 """`planc apply PLAN [--out DIR] [--resume] [--steps N]`: the whole pipeline with the
 built-in trainer (planc.train), ending in a run folder (planc.runfolder).
 
+Data parallel: `torchrun --nproc_per_node N -m planc.cli apply PLAN` runs the same plan
+on N CPU processes (gloo); each trains on its slice of every batch and rank 0 writes the
+run folder.
+
 Exit status (planc.cli): 0 done, 2 a bad plan or arguments, 1 anything else."""
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or plan.output or os.path.join("runs", plan.name)
     result = train(plan, out, resume=args.resume,
                    progress={"auto": None, "on": True, "off": False}[args.progress])
+    if not result.main:                    # under torchrun, rank 0 reports for everyone
+        return 0
     try:                                   # plots must never lose a finished run
         from planc.report import write_report
         write_report(out)

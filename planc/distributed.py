@@ -16,6 +16,11 @@ these helpers do nothing.
   does, because its schedule is a function of the step only).
 - `assert_synchronized(masks)`: raise RuntimeStateError if the alive grids differ
   between ranks (for tests and debugging; one all-gather of a checksum per layer).
+- `join_from_environment()`: under torchrun (WORLD_SIZE > 1 in the environment), join
+  the default process group (gloo: the built-in trainer runs on the CPU); what
+  `planc apply` calls, so `torchrun --nproc_per_node N -m planc.cli apply PLAN` trains on
+  N processes. `Ranks.share(batch)` is this rank's slice of a global batch and the
+  factor that makes DDP's gradient average equal the full batch's mean-loss gradient.
 - `unwrap(model)`: the module inside DistributedDataParallel / DataParallel, so
   `planc.compile(DDP(model), plan)` compiles the model itself. Layer names are those of
   the unwrapped model (`layers.0`); rules written for the wrapped names (`module.layers.*`)
@@ -23,12 +28,14 @@ these helpers do nothing.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import os
+from dataclasses import dataclass
+from typing import Mapping, Tuple
 
 import torch
 from torch import nn
 
-from planc.errors import RuntimeStateError
+from planc.errors import PlancError, RuntimeStateError
 
 
 def active() -> bool:
@@ -36,6 +43,79 @@ def active() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands: rank, world size, and whether planc started the
+    process group (and so must end it)."""
+
+    rank: int = 0
+    world: int = 1
+    started_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    def share(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's contiguous slice of a global batch (x, y), and the factor to
+        multiply its mean loss by. DDP averages gradients over ranks, so with
+        factor = n_rank·world/n the average is the gradient of the global batch's mean
+        loss, for any split (the last batch of an epoch need not divide evenly)."""
+        n = len(y)
+        if self.world == 1:
+            return x, y, 1.0
+        if n < self.world:
+            raise PlancError(f"a training batch of {n} samples cannot be split across {self.world} ranks; "
+                             f"use a larger batch size in train.data")
+        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        return x[lo:hi], y[lo:hi], (hi - lo) * self.world / n
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over ranks (the same on every rank)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        buf = value.detach().to(torch.float64).reshape(1).clone()
+        dist.all_reduce(buf)
+        return buf[0] / self.world
+
+    def finish(self) -> None:
+        """Wait for every rank, then end the process group if planc started it."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            if self.started_group:
+                dist.destroy_process_group()
+
+
+def join_from_environment() -> Ranks:
+    """Ranks from a launcher's environment (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT); one process without it. Joins the default process group (gloo) unless
+    the caller already did."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        raise PlancError(f"environment variable WORLD_SIZE: expected a number of processes, got {raw!r}") from None
+    if world <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    started = False
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise PlancError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the ranks with torchrun")
+        dist.init_process_group("gloo")
+        started = True
+    return Ranks(dist.get_rank(), dist.get_world_size(), started)
 
 
 def _device() -> torch.device:

@@ -236,6 +236,7 @@ class TrainResult:
     report: dict
     history: List[dict] = field(default_factory=list)
     finished: bool = True
+    main: bool = True             # rank 0 (or the only process): the one that wrote files
 
 
 def _progress(total: int, initial: int, enabled: Optional[bool]):
@@ -277,7 +278,23 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
           ) -> TrainResult:
     """Run the plan end to end. `out`: the run folder (None: no files written). `resume`:
     continue from `out`/checkpoint.safetensors if there is one. `stop_after`: stop after
-    that many steps without finishing (what an interruption looks like; for tests)."""
+    that many steps without finishing (what an interruption looks like; for tests).
+
+    Under torchrun (planc.distributed.join_from_environment) every rank runs this with
+    the same plan: each trains DDP on its slice of every global batch, so the run is the
+    single-process run up to float summation order; rank 0 alone writes and logs."""
+    from planc import distributed
+
+    ranks = distributed.join_from_environment()
+    try:
+        return _train(plan, out, ranks, resume=resume, stop_after=stop_after, progress=progress,
+                      log=log if ranks.main else (lambda s: None))
+    finally:
+        ranks.finish()
+
+
+def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, stop_after: Optional[int],
+           progress: Optional[bool], log: Callable[[str], None]) -> TrainResult:
     from planc import compile as planc_compile
     from planc import runfolder
 
@@ -290,7 +307,8 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
     if out is not None:
         os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, CHECKPOINT) if out is not None else None
-    events_path = os.path.join(out, runfolder.EVENTS) if out is not None else None
+    writes = out is not None and ranks.main
+    events_path = os.path.join(out, runfolder.EVENTS) if writes else None
 
     _seed_all(plan.train.seed)
     model = call_factory(plan, "model.factory")
@@ -329,6 +347,8 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
         log(f"planc: no checkpoint in {out}; starting from step 0")
 
     def checkpoint() -> None:
+        if not writes:
+            return
         save_state_keep_previous(ckpt_path, {
             "format": CKPT_FORMAT, "plan": plan_fingerprint(plan), "step": runtime.t,
             "model": pruned.module.state_dict(), "optimizer": opt.state_dict(),
@@ -336,9 +356,14 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
             "history": history, "timings": timings,
         })
 
-    bar = _progress(total, runtime.t, progress)
+    bar = _progress(total, runtime.t, progress if ranks.main else False)
     module = pruned.module
     module.train()
+    forward = module
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(module)   # all-reduces gradients; decisions: planc.distributed
     last_loss, metric = float("nan"), None
     try:
         while runtime.t < total:
@@ -347,15 +372,16 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
             factor = lr_factor(step, total, plan.train.lr_schedule, plan.train.warmup_steps)
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * factor
-            x, y = _split_batch(next(batches))
-            loss = compute_loss(plan.train.loss, module(x), y)
-            if not torch.isfinite(loss):
-                raise PlancError(f"the loss became {float(loss)} at step {step}; lower the learning rate")
-            loss.backward()
+            x, y, share = ranks.share(*_split_batch(next(batches)))
+            loss = compute_loss(plan.train.loss, forward(x), y)
+            global_loss = float(ranks.mean(loss.detach() * share))   # every rank sees the same value
+            if not math.isfinite(global_loss):
+                raise PlancError(f"the loss became {global_loss} at step {step}; lower the learning rate")
+            (loss * share).backward()                                # share is exactly 1.0 on one process
             opt.step()
             opt.zero_grad(set_to_none=True)
             runtime.step()
-            last_loss = float(loss.detach())
+            last_loss = global_loss
             timings["train_s"] += time.perf_counter() - t0
             t = runtime.t
             if plan.train.eval_every and t % plan.train.eval_every == 0 and t < total:
@@ -377,7 +403,7 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
             if ckpt_path and plan.train.checkpoint_every and t % plan.train.checkpoint_every == 0 and t < total:
                 checkpoint()
             if stop_after is not None and t >= stop_after and t < total:
-                return TrainResult(out, pruned, None, {}, history, finished=False)
+                return TrainResult(out, pruned, None, {}, history, finished=False, main=ranks.main)
     finally:
         if bar is not None:
             bar.close()
@@ -394,13 +420,15 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_a
     timings["total_s"] = time.perf_counter() - t_start
     timings["steps_per_s"] = total / timings["train_s"] if timings["train_s"] else None
     report = runfolder.make_report(plan, runtime, final, history, timings)
-    if plan.lower.backend != "dense":
+    if ranks.world > 1:
+        report["ranks"] = ranks.world
+    if plan.lower.backend != "dense" and ranks.main:
         from planc.lowering import lower_and_measure
         from planc.pruned import example_inputs_for
 
         report["lowering"] = lower_and_measure(baked, plan, example_inputs_for(plan.model))
-    if out is not None:
+    if writes:
         runfolder.write(out, plan, pruned, baked, report, runtime.events)
         if ckpt_path:
             remove_checkpoints(ckpt_path)        # the run folder is the product now
-    return TrainResult(out, pruned, baked, report, history, finished=True)
+    return TrainResult(out, pruned, baked, report, history, finished=True, main=ranks.main)
