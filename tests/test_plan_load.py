@@ -213,7 +213,7 @@ def test_dump_round_trip_of_a_rich_plan():
           rules:
             - {match: {type: Conv2d, position: first}, skip: true}
             - {match: {name: "x.*"}, block: [2, 2], sparsity: 0.25, min_blocks: 3}
-          budget: global
+          budget: per_layer
         method: {name: sequential_attention_pp, score: magnitude, clip: [0, 3], logits_lr: 0.01,
                  logits_weight_decay: 0}
         schedule: {preset: criteo}
@@ -229,6 +229,13 @@ def test_dump_round_trip_of_a_rich_plan():
         """)
     plan = load_plan(text)
     assert load_plan(dump_plan(plan)) == plan
+
+
+def test_the_reserved_global_budget_is_refused_at_its_line():
+    with pytest.raises(PlanError) as info:
+        load_plan("version: 1\nmodel: {example_inputs: [[2, 8]]}\ntargets:\n  budget: global\n"
+                  "method: {name: acdc}\nschedule: {preset: paper}\n", file="g.yaml")
+    assert str(info.value).startswith("g.yaml:4:11: targets.budget: budget 'global' is not implemented; use per_layer")
 
 
 # ---- the docstring example ---------------------------------------------------------

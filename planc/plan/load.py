@@ -194,6 +194,11 @@ def semantic_problems(data: dict, pos: Positions) -> List[Problem]:
     steps_given = _get(data, "train", "steps") is not None
     steps = _steps_int(_get(data, "train", "steps")) if steps_given else Train().steps
 
+    # -- reserved by the language, not built: refused here, not after training has started
+    if _get(data, "targets", "budget", kind=str) == "global":
+        add(("targets", "budget"), "budget 'global' is not implemented; use per_layer "
+            "(each layer reaches its own target: the paper's choice, which beat global pruning there)")
+
     # -- method and preset
     variant = _get(data, "method", "variant", kind=str)
     if method and preset is not None:
