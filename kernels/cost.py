@@ -1,11 +1,11 @@
 """A small predictor of whether the block-sparse op beats dense for a layer, used by the
 lower pass (min_speedup) and by the op to pick a CPU formulation.
 
-Deliberately simple and explained: a roofline-ish model whose constants were fitted to
-one run of `planc bench` on this machine (2-core AMD EPYC, torch 2.13 CPU; see
-docs/benchmarks.md) and, for the GPU, to the efficiencies reported for block-sparse
-kernels of this shape (design.md: PyTorch's BSR kernel reaches ~0.45 of ideal at 64×64).
-It answers "clearly faster", "clearly not" and "about even" correctly; it is not a timer.
+Deliberately simple and explained: a roofline-ish model whose CPU constants were measured
+on this machine (2-core AMD EPYC, torch 2.13 CPU, MKL; see docs/benchmarks.md) and, for
+the GPU, taken from the efficiencies reported for block-sparse kernels of this shape
+(design.md: PyTorch's BSR kernel reaches ~0.45 of ideal at 64×64). It answers "clearly
+faster", "clearly not" and "about even" correctly; it is not a timer.
 """
 from __future__ import annotations
 
@@ -14,22 +14,30 @@ import math
 
 import torch
 
-# CPU (fitted): dense GEMM rate, the column-panel path's GEMM efficiency by block width,
-# its per-block-column call overhead, and its intermediate traffic rate.
+# CPU (measured on a quiet machine, benchmarks/bench_cpu_linear.py and single-core runs
+# of the pieces; predicted/measured at 4096², 512 tokens, 90%: 0.9–1.0 for 16/32/64):
+# dense F.linear rate on all cores and its fixed cost; the column-panel path's rate per
+# core (its GEMMs run on one core each, see kernels/cpu.py), its scatter-add rate per
+# core in bytes of panel products, its Python/dispatch cost per block-column per thread
+# and its fixed cost (index split, thread hand-off); torch.sparse BSR's rate in useful
+# flops (it ran ~2.3× dense at 10% density for 16-, 32- and 64-wide blocks alike).
 _CPU_DENSE_FLOPS = 1.7e11
 _CPU_DENSE_OVERHEAD_S = 1.5e-5
-_CPU_COL_CALL_S = 1.2e-5
-_CPU_BYTES_PER_S = 4.0e10
+_CPU_CORE_FLOPS = 8.8e10
+_CPU_SCATTER_BYTES_PER_S = 1.4e10
+_CPU_COL_CALL_S = 1.0e-5
+_CPU_COLS_OVERHEAD_S = 1.0e-4
+_CPU_BSR_FLOPS = 4.0e10
 # GPU (assumed, unmeasured here): fraction of the ideal speedup by padded block size.
 _GPU_EFF = {16: 0.3, 32: 0.5, 64: 0.75, 128: 0.8}
 _GPU_LAUNCH_S = 8e-6
 _GPU_DENSE_FLOPS = {torch.float32: 4.0e14, torch.float16: 7.0e14, torch.bfloat16: 7.0e14}
 
 
-def _cpu_gemm_eff(c: int, r: int) -> float:
-    # K = c for the column-panel GEMMs: narrow panels run far below MKL's peak
-    k = min(c, 128)
-    return max(0.08, min(0.85, 0.25 * math.log2(max(k, 2)) - 0.45)) * min(1.0, r / 8)
+def _cpu_gemm_eff(c: int) -> float:
+    """Fraction of a core's dense GEMM rate that the column panels reach: their K is the
+    block width c. Measured 0.55 / 0.72 / 0.85 / 0.96 at c = 8 / 16 / 32 / 64."""
+    return max(0.1, min(1.0, 0.137 * math.log2(max(c, 1)) + 0.15))
 
 
 @dataclass(frozen=True)
@@ -58,14 +66,28 @@ def predict(tokens: int, shape, block, density: float, dtype: torch.dtype = torc
         eff = _GPU_EFF.get(size, 0.3) * (r * c) / pad
         sparse = 2.0 * tokens * nnz * r * c / (peak * eff) + _GPU_LAUNCH_S
         return Prediction(backend, dense, sparse)
-    # CPU: column panels (kernels/cpu.py): GEMMs of k·r × c × tokens per block-column,
-    # each product written once and scatter-added once
     dense = flops / _CPU_DENSE_FLOPS + _CPU_DENSE_OVERHEAD_S
-    gemm = 2.0 * tokens * nnz * r * c / (_CPU_DENSE_FLOPS * _cpu_gemm_eff(c, r))
-    traffic = 3.0 * 4.0 * nnz * r * tokens / _CPU_BYTES_PER_S
-    transpose = 4.0 * 2 * tokens * (R + C) / _CPU_BYTES_PER_S
-    sparse = gemm + traffic + transpose + gc * _CPU_COL_CALL_S + _CPU_DENSE_OVERHEAD_S
-    return Prediction("cpu", dense, sparse)
+    return Prediction("cpu", dense, min(_cpu_cols_s(tokens, gr, gc, nnz, r, c), _cpu_bsr_s(tokens, nnz, r, c, dtype)))
+
+
+def _cpu_cols_s(tokens: int, gr: int, gc: int, nnz: float, r: int, c: int) -> float:
+    """Column panels (kernels/cpu.py): one GEMM per block-column, the products scatter-
+    added once, the block-columns shared by torch's threads when the product is big enough."""
+    from planc.kernels.cpu import _num_parts   # the split the kernel will make
+
+    sparse_flops = 2.0 * tokens * nnz * r * c
+    work = sparse_flops / (_CPU_CORE_FLOPS * _cpu_gemm_eff(c)) + 4.0 * nnz * r * tokens / _CPU_SCATTER_BYTES_PER_S
+    parts = _num_parts(sparse_flops, gc)
+    # each extra thread's accumulator: zeroed, written, summed into the output
+    reduce = (parts - 1) * 3 * 4.0 * gr * r * tokens / _CPU_SCATTER_BYTES_PER_S
+    return work / parts + reduce + gc * _CPU_COL_CALL_S + _CPU_COLS_OVERHEAD_S
+
+
+def _cpu_bsr_s(tokens: int, nnz: float, r: int, c: int, dtype: torch.dtype) -> float:
+    """torch.sparse BSR (MKL): fp32/fp64 and square blocks only."""
+    if r != c or dtype not in (torch.float32, torch.float64):
+        return math.inf
+    return 2.0 * tokens * nnz * r * c / _CPU_BSR_FLOPS + _CPU_DENSE_OVERHEAD_S
 
 
 def predict_speedup(tokens: int, shape, block, density: float, dtype: torch.dtype = torch.float32,
@@ -74,13 +96,17 @@ def predict_speedup(tokens: int, shape, block, density: float, dtype: torch.dtyp
 
 
 def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.dtype = torch.float32) -> str:
-    """The CPU formulation for one call: column panels unless the model says a dense
-    GEMM over the materialised weight is faster (small or dense layers). Blocks 16 wide
-    or narrower starve the column-panel GEMMs (K = c); there torch.sparse BSR ("mkl",
-    fp32/fp64, square blocks) measured faster, so it takes those."""
-    if density >= 1.0 or predict_speedup(tokens, shape, block, density, dtype, "cpu") < 1.0:
-        return "dense" if density > 0.0 else "cols"
-    r, c = (int(b) for b in block)
-    if c <= 16 and r == c and dtype in (torch.float32, torch.float64):
-        return "mkl"
-    return "cols"
+    """The CPU formulation for one call: the fastest of column panels ("cols"), torch.sparse
+    BSR ("mkl") and a dense GEMM over the materialised weight ("dense"; small or dense
+    layers) by the model above. With the threaded column panels, "mkl" is predicted
+    (and measured) slower at every block size this was measured at (16–64)."""
+    if density <= 0.0:
+        return "cols"
+    if density >= 1.0:
+        return "dense"
+    (R, C), (r, c) = (int(s) for s in shape), (int(b) for b in block)
+    gr, gc = -(-R // r), -(-C // c)
+    nnz = density * gr * gc
+    times = {"cols": _cpu_cols_s(tokens, gr, gc, nnz, r, c), "mkl": _cpu_bsr_s(tokens, nnz, r, c, dtype),
+             "dense": 2.0 * tokens * R * C / _CPU_DENSE_FLOPS + _CPU_DENSE_OVERHEAD_S}
+    return min(times, key=times.get)

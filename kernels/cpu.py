@@ -1,18 +1,30 @@
 """The CPU path of the block-sparse linear map Y = X·Wᵀ + b (and its backward).
 
 Measured on this machine (2 cores, torch 2.13, MKL; see docs/benchmarks.md): the fastest
-correct formulation is *column panels*, not MKL BSR. Keep activations token-minor
-(Xᵀ, C×M) and, for each block-column j of W, multiply the stacked nonzero blocks of
-that column (k·r × c) by the contiguous slab Xᵀ[j·c:(j+1)·c] (c × M), then scatter-add
-the k result blocks into Yᵀ. Every GEMM reads its X slab in place (no gather), has
-M = k·r rows (large enough for MKL), and the scatter is one `index_add_` per column.
+correct formulation is *column panels*, not MKL BSR. Read activations token-minor
+(Xᵀ, C×M; a free transposed view of X) and, for each block-column j of W, multiply the
+stacked nonzero blocks of that column (k·r × c) by the slab Xᵀ[j·c:(j+1)·c] (c × M), then
+scatter-add the k result blocks into Yᵀ. Every GEMM reads its X slab in place (no gather,
+no copy of X), has M = k·r rows, and the scatter is one `index_add_` per column. One
+core runs these GEMMs at MKL's dense rate; what is left is the scatter (~25%).
+
+Two cores: MKL parallelises each small GEMM poorly (1.15× on 2 threads) and the scatter
+not at all, so the column loop itself runs on `torch.get_num_threads()` threads, each
+with MKL and OpenMP at one thread, taking block-columns from a shared counter and
+scatter-adding into its own copy of Yᵀ; the copies are summed at the end (one pass over
+Y). MKL must be single-threaded meanwhile: two Python threads each starting a 2-thread
+OpenMP team oversubscribe the cores and ran 100× slower. Taking columns dynamically
+rather than splitting the block-rows statically matters on a shared machine: a core
+that starts late (another process, or OpenMP threads still spin-waiting after the
+previous op) just takes fewer columns.
+
 The result is returned as Yᵀ's transpose, a view: the next sparse layer wants Xᵀ
 contiguous anyway, so chained sparse layers never transpose (elementwise ops between
 them keep the layout).
 
-Strategies, chosen per shape by `choose_strategy` (kernels/cost.py):
+Strategies, chosen per shape by `choose_cpu_strategy` (kernels/cost.py):
 - "cols":  column panels as above (forward); the mirror image for dX; per block-row
-           GEMMs for dW on the support only.
+           GEMMs for dW on the support only. All three run on torch's threads.
 - "mkl":   torch.sparse BSR in its fast formulation (W_bsr @ Xᵀ)ᵀ (fp32/fp64 only).
 - "dense": materialise W and call F.linear (small layers, high density).
 16-bit inputs are computed in fp32 on CPU (MKL's half GEMMs are slower and the
@@ -20,6 +32,9 @@ scatter-add would round every partial sum) and cast back.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+import itertools
+import threading
 import warnings
 
 import torch
@@ -28,6 +43,13 @@ import torch.nn.functional as F
 from planc.kernels.format import BlockSparseMatrix
 
 STRATEGIES = ("cols", "mkl", "dense")
+
+# Below this many flops per thread, handing work to another thread costs more than it
+# saves (a pool round trip and two set_num_threads calls are ~0.1 ms).
+_MIN_FLOPS_PER_THREAD = 2e7
+# The threads' accumulators for one token tile together stay below this (L3 is 32 MiB):
+# at 8192 tokens a whole-output accumulator streamed from memory and ran 3× slower.
+_TILE_BYTES = 24 << 20
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,32 +95,168 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
     if strategy != "cols":
         raise ValueError(f"expected a CPU strategy in {STRATEGIES}, got {strategy!r}")
 
-    xt = _token_minor(x, gc * c, cd)
+    yt = torch.empty(gr, r, M, dtype=cd, device=x.device)
     # start from the bias: saves a pass over Y
-    if bias is None:
-        yt = torch.zeros(gr, r, M, dtype=cd, device=x.device)
-    else:
-        b = F.pad(bias.detach().to(cd), (0, gr * r - R)).view(gr, r, 1)
-        yt = b.expand(gr, r, M).contiguous()
-    if bsm.nnz:
-        panels = bsm.grouped_by_column().to(cd).reshape(bsm.nnz * r, c)
-        _accumulate_panels(yt, panels, xt, bsm.tcrow.tolist(), bsm.trow.long(), r, c)
+    init = None if bias is None else F.pad(bias.detach().to(cd), (0, gr * r - R)).view(gr, r, 1)
+    panels = bsm.grouped_by_column().detach().to(cd).reshape(bsm.nnz * r, c)
+    _accumulate_panels(yt, init, panels, x.detach().to(cd).t(), bsm.tcrow, bsm.trow, r, c)
     return yt.view(gr * r, M)[:R].t().to(out_dtype)
 
 
-def _accumulate_panels(out: torch.Tensor, panels: torch.Tensor, src_t: torch.Tensor, ptr, dest: torch.Tensor,
-                       out_width: int, in_width: int) -> None:
-    """The column-panel scheme shared by forward and dX. Group g of blocks (ptr[g] to
-    ptr[g+1], stacked in `panels` as (k·out_width, in_width)) all read the same slab
-    src_t[g·in_width : (g+1)·in_width] (token-minor), so one GEMM serves the group; its
-    k block products are scatter-added into `out` (groups, out_width, M) at `dest`."""
-    M = src_t.shape[1]
-    for g in range(len(ptr) - 1):
-        a, e = ptr[g], ptr[g + 1]
-        if a == e:
-            continue
-        prod = torch.mm(panels[a * out_width:e * out_width], src_t[g * in_width:(g + 1) * in_width])
-        out.index_add_(0, dest[a:e], prod.view(e - a, out_width, M))
+def _accumulate_panels(out: torch.Tensor, init: torch.Tensor | None, panels: torch.Tensor, src_t: torch.Tensor,
+                       ptr: torch.Tensor, dest: torch.Tensor, out_width: int, in_width: int) -> None:
+    """The column-panel scheme shared by forward and dX: out (groups_out, out_width, M)
+    = init (broadcast; zero if None) + the panel products. Input group g of blocks
+    (ptr[g] to ptr[g+1], stacked in `panels` as (k·out_width, in_width)) all read the
+    slab src_t[g·in_width:(g+1)·in_width] of the token-minor input (a view: any
+    strides), so one GEMM serves the group; its products are scatter-added at `dest`.
+
+    Threads take input groups one at a time from a shared counter and accumulate into
+    their own copy of `out`; the copies are summed at the end. A core that starts late
+    (another process, or OpenMP threads still spinning after the previous op) then just
+    takes fewer groups; a static split waited for it (1.3× slower here under load)."""
+    ptr_l, dest = ptr.tolist(), dest.long()
+    M, rows = out.shape[2], out.shape[0] * out.shape[1]
+    parts = _num_parts(2.0 * dest.numel() * out_width * in_width * M, len(ptr_l) - 1)
+    # token tiles small enough that the threads' accumulators stay in the L3 cache
+    tile = max(64, _TILE_BYTES // (4 * parts * rows))
+    for t0 in range(0, M, tile):
+        t1 = min(M, t0 + tile)
+        _accumulate_tile(out if tile >= M else out[:, :, t0:t1], init, panels, src_t[:, t0:t1], ptr_l, dest,
+                         parts, out_width, in_width)
+
+
+def _accumulate_tile(out, init, panels, src_t, ptr, dest, parts, out_width, in_width) -> None:
+    """`_accumulate_panels` for one token tile: `parts` threads, each with its own
+    accumulator, then one parallel pass that sums them into `out` (a view)."""
+    direct = out.is_contiguous()
+    scratch = [_take_scratch(out.numel(), out.dtype) for _ in range(parts - direct)]
+    try:
+        accs = ([out] if direct else []) + [buf[:out.numel()].view(out.shape) for buf in scratch]
+        _accumulate_into(out, accs, init, panels, src_t, ptr, dest, out_width, in_width)
+    finally:
+        for buf in scratch:
+            _give_scratch(buf)
+
+
+def _accumulate_into(out, accs, init, panels, src_t, ptr, dest, out_width, in_width) -> None:
+    parts = len(accs)
+    todo = itertools.count()          # next() on it is atomic under the GIL
+    _run_parallel([lambda acc=acc, i=i: _panel_loop(acc, i, panels, src_t, ptr, dest, todo, out_width, in_width)
+                   for acc, i in zip(accs, [init] + [None] * (parts - 1))])
+    if parts > 1 or accs[0] is not out:
+        _run_parallel([lambda a=a, e=e: _sum_into(out, accs, a, e) for a, e in _even_ranges(out.shape[0], parts)])
+
+
+# Accumulator buffers kept between calls: a fresh multi-MB tensor is paid again in page
+# faults on first touch (2–10 ms per call at these sizes). At most _SCRATCH_KEPT are kept.
+_SCRATCH: list = []
+_SCRATCH_LOCK = threading.Lock()
+_SCRATCH_KEPT = 8
+
+
+def _take_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    with _SCRATCH_LOCK:
+        for i, buf in enumerate(_SCRATCH):
+            if buf.dtype == dtype and buf.numel() >= numel:
+                return _SCRATCH.pop(i)
+    return torch.empty(numel, dtype=dtype)
+
+
+def _give_scratch(buf: torch.Tensor) -> None:
+    with _SCRATCH_LOCK:
+        _SCRATCH.append(buf)
+        _SCRATCH.sort(key=torch.Tensor.numel)          # the smallest that fits is taken first
+        del _SCRATCH[:-_SCRATCH_KEPT]                   # keep the largest few
+
+
+def _panel_loop(acc, init, panels, src_t, ptr, dest, todo, out_width, in_width) -> None:
+    """One thread's share of `_accumulate_panels`: start its accumulator from `init`
+    (or zero), then take input groups from `todo` until none is left."""
+    M, C, groups = acc.shape[2], src_t.shape[0], len(ptr) - 1
+    if init is None:
+        acc.zero_()
+    else:
+        acc.copy_(init.expand_as(acc))
+    # one product buffer per thread, reused: fresh ~MB allocations from two threads cost ~20%
+    most = max(e - a for a, e in zip(ptr[:-1], ptr[1:])) * out_width
+    scratch = _take_scratch(most * M, acc.dtype)
+    buf = scratch[:most * M].view(most, M)
+    try:
+        for g in todo:
+            if g >= groups:
+                return
+            a, e = ptr[g], ptr[g + 1]
+            if a == e:
+                continue
+            w = min(in_width, C - g * in_width)            # the last slab may be partial
+            prod = torch.mm(panels[a * out_width:e * out_width, :w], src_t[g * in_width:g * in_width + w],
+                            out=buf[:(e - a) * out_width])
+            acc.index_add_(0, dest[a:e], prod.view(e - a, out_width, M))
+    finally:
+        _give_scratch(scratch)
+
+
+def _sum_into(out, accs, a: int, e: int) -> None:
+    """out[a:e] = the sum of the accumulators' rows a..e (accs[0] may be out itself)."""
+    if accs[0] is not out:
+        out[a:e].copy_(accs[0][a:e])
+    for acc in accs[1:]:
+        out[a:e].add_(acc[a:e])
+
+
+def _even_ranges(n: int, parts: int):
+    cuts = [n * p // parts for p in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _num_parts(flops: float, groups: int) -> int:
+    """How many threads to split a product over: all of torch's threads, unless the
+    product is too small to pay for the hand-off."""
+    parts = min(torch.get_num_threads(), groups)
+    while parts > 1 and flops < parts * _MIN_FLOPS_PER_THREAD:
+        parts -= 1
+    return max(1, parts)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _run_parallel(tasks) -> None:
+    """Run the tasks at once, one per core: the first on this thread, the others on
+    pool threads; every task with MKL/OpenMP at one thread. torch's thread setting is
+    per thread for OpenMP and MKL: the pool threads keep 1 for good, this thread gets
+    its own count back. One task still runs single-threaded: a loop of small GEMMs
+    gains little from a 2-thread MKL, and under CPU contention each of its parallel
+    regions waited for the busy core (a 2.2 ms loop took seconds)."""
+    global _POOL, _POOL_SIZE
+    threads = torch.get_num_threads()
+    if threads == 1:
+        for t in tasks:
+            t()
+        return
+    if len(tasks) > 1 and _POOL_SIZE < len(tasks) - 1:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="planc-cpu",
+                                   initializer=torch.set_num_threads, initargs=(1,))
+        _POOL_SIZE = len(tasks) - 1
+    torch.set_num_threads(1)
+    try:
+        futures = [_POOL.submit(_no_grad_call, t) for t in tasks[1:]]
+        try:
+            tasks[0]()
+        finally:
+            for f in futures:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)    # also torch's default for threads created later
+
+
+def _no_grad_call(task) -> None:
+    with torch.no_grad():      # grad mode is per thread; the pool's default is on
+        task()
 
 
 def grad_input(dy: torch.Tensor, bsm: BlockSparseMatrix) -> torch.Tensor:
@@ -109,30 +267,39 @@ def grad_input(dy: torch.Tensor, bsm: BlockSparseMatrix) -> torch.Tensor:
     out_dtype, cd = dy.dtype, _compute_dtype(dy.dtype)
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
     M = dy.shape[0]
-    dxt = torch.zeros(gc, c, M, dtype=cd, device=dy.device)
-    if bsm.nnz:
-        dyt = _token_minor(dy, gr * r, cd)
-        panels = bsm.values.detach().to(cd).transpose(1, 2).reshape(bsm.nnz * c, r)   # Wᵀ blocks
-        _accumulate_panels(dxt, panels, dyt, bsm.crow.tolist(), bsm.col.long(), c, r)
+    dxt = torch.empty(gc, c, M, dtype=cd, device=dy.device)
+    panels = bsm.values.detach().to(cd).transpose(1, 2).reshape(bsm.nnz * c, r)   # Wᵀ blocks
+    _accumulate_panels(dxt, None, panels, dy.detach().to(cd).t(), bsm.crow, bsm.col, c, r)
     return dxt.view(gc * c, M)[:C].t().to(out_dtype)
 
 
 def grad_values(dy: torch.Tensor, x: torch.Tensor, bsm: BlockSparseMatrix) -> torch.Tensor:
-    """dW on the support only: (nnz, r, c), block p = dY[:, rows_p]ᵀ · X[:, cols_p]."""
+    """dW on the support only: (nnz, r, c), block p = dY[:, rows_p]ᵀ · X[:, cols_p].
+    One GEMM per block-row against its gathered live column slabs; the threads take
+    block-rows from a shared counter (their outputs are disjoint)."""
     out_dtype, cd = bsm.values.dtype, _compute_dtype(dy.dtype)
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
     M = dy.shape[0]
-    dv = torch.zeros(bsm.nnz, r, c, dtype=cd, device=dy.device)
+    dv = torch.empty(bsm.nnz, r, c, dtype=cd, device=dy.device)
     if bsm.nnz:
-        dyt = _token_minor(dy, gr * r, cd)
-        xb = _token_minor(x, gc * c, cd).view(gc, c, M)
-        col = bsm.col.long()
-        rc = bsm.crow.tolist()
-        for i in range(gr):
-            a, e = rc[i], rc[i + 1]
-            if a == e:
-                continue
-            xs = xb[col[a:e]].view((e - a) * c, M)                       # live column slabs
-            g = torch.mm(dyt[i * r:(i + 1) * r], xs.t())                 # (r, k·c)
-            dv[a:e] = g.view(r, e - a, c).transpose(0, 1)
+        dyt = _token_minor(dy.detach(), gr * r, cd)
+        xb = _token_minor(x.detach(), gc * c, cd).view(gc, c, M)
+        col, rc = bsm.col.long(), bsm.crow.tolist()
+        todo = itertools.count()
+        parts = _num_parts(2.0 * M * bsm.nnz * r * c, gr)
+        _run_parallel([lambda: _grad_rows(dv, dyt, xb, col, rc, todo, r, c)] * parts)
     return dv.to(out_dtype)
+
+
+def _grad_rows(dv, dyt, xb, col, rc, todo, r, c) -> None:
+    """One thread's share of grad_values: block-rows from `todo` until none is left."""
+    M, rows = dyt.shape[1], len(rc) - 1
+    for i in todo:
+        if i >= rows:
+            return
+        a, e = rc[i], rc[i + 1]
+        if a == e:
+            continue
+        xs = xb[col[a:e]].view((e - a) * c, M)                       # live column slabs
+        g = torch.mm(dyt[i * r:(i + 1) * r], xs.t())                 # (r, k·c)
+        dv[a:e] = g.view(r, e - a, c).transpose(0, 1)

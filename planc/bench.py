@@ -2,14 +2,20 @@
 
 Every number is a ratio measured in the same process, on the same inputs: dense PyTorch
 time / block-sparse time (>1: the sparse op is faster), and torch.sparse BSR time / ours.
-Times are the minimum over `repeats` runs after warm-up. Never used in tests.
+The candidates of a cell are timed interleaved (dense, ours, BSR, dense, ours, ...) after
+two warm-up calls each, and each time is the median of `repeats`: on a shared machine,
+load that comes and goes then hits all candidates alike. Each cell records the 1-minute
+load average when it started. Never used in tests.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 import json
+import os
 import platform
+import statistics
 import time
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +39,8 @@ class Cell:
     ours_bwd_ms: Optional[float]
     bsr_dx_ms: Optional[float]
     max_rel_err: float
+    load: Optional[float] = None  # 1-minute load average when the cell started
+    strategy: Optional[str] = None  # the CPU formulation timed as "ours"
 
     @property
     def fwd_vs_dense(self) -> float:
@@ -52,14 +60,31 @@ class Cell:
 
 
 def _timeit(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    fn(); fn(); sync()
-    best = float("inf")
+    """Median ms of one callable (after two warm-up calls)."""
+    return _timeit_interleaved({"fn": fn}, repeats, sync)["fn"]
+
+
+def _timeit_interleaved(fns: dict, repeats: int, sync: Callable[[], None]) -> dict:
+    """Median ms of each callable, timed in turn within every repetition (after two
+    warm-up calls each), so that changing load affects all of them alike."""
+    for fn in fns.values():
+        fn(); fn()
+    sync()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _random_block_sparse(R, C, block, sparsity, dtype, device, gen):
@@ -77,7 +102,9 @@ def _random_block_sparse(R, C, block, sparsity, dtype, device, gen):
 
 
 def bench_cell(shape, tokens, block, sparsity, dtype="fp32", backend="cpu", repeats=5, backward=True,
-               seed=0) -> Cell:
+               seed=0, strategy: Optional[str] = None) -> Cell:
+    """One shape: dense, ours and BSR forward (and backward) on the same inputs. On CPU
+    `strategy` overrides the formulation kernels/cost.py would choose."""
     from planc.kernels.format import BlockSparseMatrix
     from planc.kernels import cpu as cpu_k
 
@@ -98,30 +125,38 @@ def bench_cell(shape, tokens, block, sparsity, dtype="fp32", backend="cpu", repe
         ours_bwd = lambda: (k.grad_input(dy, bsm), k.grad_values(dy, x, bsm))  # noqa: E731
     else:
         from planc.kernels.cost import choose_cpu_strategy
-        strat = choose_cpu_strategy(tokens, shape, (block, block), bsm.density, dt)
+        strat = strategy or choose_cpu_strategy(tokens, shape, (block, block), bsm.density, dt)
         ours_fwd = lambda: cpu_k.forward(x, bsm, strategy=strat)  # noqa: E731
         ours_bwd = lambda: (cpu_k.grad_input(dy, bsm), cpu_k.grad_values(dy, x, bsm))  # noqa: E731
 
     dense_fwd = lambda: F.linear(x, w)  # noqa: E731
     dense_bwd = lambda: (dy @ w, dy.t() @ x)  # noqa: E731   dX and dW, as autograd computes them
 
+    if backend == "triton":
+        strat = None
     bsr_fwd = bsr_dx = None
     if dt in (torch.float32, torch.float64) or device.type == "cuda":
-        wb = w.to_sparse_bsr((block, block)) if R % block == 0 and C % block == 0 else None
-        wtb = w.t().contiguous().to_sparse_bsr((block, block)) if wb is not None else None
+        with warnings.catch_warnings():   # "BSR support is in beta state"
+            warnings.simplefilter("ignore")
+            wb = w.to_sparse_bsr((block, block)) if R % block == 0 and C % block == 0 else None
+            wtb = w.t().contiguous().to_sparse_bsr((block, block)) if wb is not None else None
         if wb is not None:
             bsr_fwd = lambda: (wb @ x.t()).t()  # noqa: E731   the fast formulation
             bsr_dx = lambda: (wtb @ dy.t()).t()  # noqa: E731
 
     ref = x.double() @ w.double().t()
     err = float(((ours_fwd().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+    load = load_average()
+    fwd = _timeit_interleaved(dict(dense=dense_fwd, ours=ours_fwd, **({"bsr": bsr_fwd} if bsr_fwd else {})),
+                              repeats, sync)
+    bwd = {}
+    if backward:
+        bwd = _timeit_interleaved(dict(dense=dense_bwd, ours=ours_bwd, **({"bsr": bsr_dx} if bsr_dx else {})),
+                                  repeats, sync)
     cell = Cell(shape=(R, C), tokens=tokens, block=block, sparsity=round(achieved, 4), dtype=dtype, backend=backend,
-                dense_fwd_ms=_timeit(dense_fwd, repeats, sync), ours_fwd_ms=_timeit(ours_fwd, repeats, sync),
-                bsr_fwd_ms=_timeit(bsr_fwd, repeats, sync) if bsr_fwd else None,
-                dense_bwd_ms=_timeit(dense_bwd, repeats, sync) if backward else None,
-                ours_bwd_ms=_timeit(ours_bwd, repeats, sync) if backward else None,
-                bsr_dx_ms=_timeit(bsr_dx, repeats, sync) if (backward and bsr_dx) else None,
-                max_rel_err=err)
+                dense_fwd_ms=fwd["dense"], ours_fwd_ms=fwd["ours"], bsr_fwd_ms=fwd.get("bsr"),
+                dense_bwd_ms=bwd.get("dense"), ours_bwd_ms=bwd.get("ours"), bsr_dx_ms=bwd.get("bsr"),
+                max_rel_err=err, load=load, strategy=strat)
     return cell
 
 
@@ -151,8 +186,8 @@ def model_comparison(hidden: int, block: int, sparsity: float, tokens: int = 512
     with torch.no_grad():
         a, b = baked(x), lowered(x)
         err = float(((a - b).abs().max() / a.abs().max()).item())
-        tb = _timeit(lambda: baked(x), repeats, lambda: None)
-        tl = _timeit(lambda: lowered(x), repeats, lambda: None)
+        t = _timeit_interleaved(dict(baked=lambda: baked(x), lowered=lambda: lowered(x)), repeats, lambda: None)
+        tb, tl = t["baked"], t["lowered"]
     lowered_layers = [r["layer"] for r in report(lowered) if r["action"] == "lowered"]
     return dict(model=f"digits MLP 64-{hidden}-{hidden}-10", block=block, sparsity=sparsity, tokens=tokens,
                 baked_ms=tb, lowered_ms=tl, speedup=tb / tl, max_rel_err=err, lowered_layers=lowered_layers)
@@ -206,21 +241,23 @@ def _f(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-HEADER = ("| shape (out×in) | tokens | block | sparsity | dtype | dense fwd ms | ours fwd ms | fwd × dense "
-          "| fwd × BSR | ideal | bwd × dense | rel err |")
+HEADER = ("| shape (out×in) | tokens | block | sparsity | dtype | strategy | dense fwd ms | ours fwd ms | BSR fwd ms "
+          "| fwd × dense | fwd × BSR | ideal | bwd × dense | rel err | load |")
 
 
 def _row(c: Cell) -> str:
     return (f"| {c.shape[0]}×{c.shape[1]} | {c.tokens} | {c.block} | {c.sparsity:.2f} | {c.dtype} | "
-            f"{c.dense_fwd_ms:.2f} | {c.ours_fwd_ms:.2f} | {c.fwd_vs_dense:.2f} | {_f(c.fwd_vs_bsr)} | "
-            f"{c.ideal:.1f} | {_f(c.bwd_vs_dense)} | {c.max_rel_err:.1e} |")
+            f"{c.strategy or c.backend} | {c.dense_fwd_ms:.2f} | {c.ours_fwd_ms:.2f} | {_f(c.bsr_fwd_ms)} | "
+            f"{c.fwd_vs_dense:.2f} | {_f(c.fwd_vs_bsr)} | {c.ideal:.1f} | {_f(c.bwd_vs_dense)} | "
+            f"{c.max_rel_err:.1e} | {_f(c.load)} |")
 
 
 def to_markdown(result: dict, command: str = "planc bench") -> str:
     lines = [f"Device: {result['device']}; torch {result['torch']}; backend {result['backend']}; "
              f"command: `{command}`", "",
              "Ratios are dense time / block-sparse time (>1: faster) and torch.sparse BSR time / ours, "
-             "from one run; bwd = dX + dW (dW on the support only for ours).", "",
+             "from one run; medians of interleaved repeats; bwd = dX + dW (dW on the support only for ours); "
+             "load = 1-minute load average when the cell started.", "",
              HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     lines += [_row(c) for c in result["cells"]]
     if result["models"]:

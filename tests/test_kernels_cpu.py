@@ -1,4 +1,6 @@
 """The format, the CPU path, the autograd op, Conv2d through im2col and the cost model."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,87 @@ def test_cpu_path_matches_float64_reference(R, C, block, sparsity, dtype, strate
             assert rel_err(cpu.grad_values(dy, x, bsm), ref_dv) <= TOL[dtype]
         else:
             assert torch.count_nonzero(dx) == 0 and cpu.grad_values(dy, x, bsm).shape[0] == 0
+
+
+@pytest.fixture
+def split_threads(monkeypatch):
+    """Force the multi-thread split of the "cols" path even on tiny shapes, over 3
+    threads so the row ranges are uneven; restores torch's thread count."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "_MIN_FLOPS_PER_THREAD", 0.0)
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("R,C,block", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_cpu_cols_split_across_threads_matches_reference(split_threads, R, C, block, sparsity, dtype):
+    bsm, alive = make(R, C, block, sparsity, dtype, seed=R * C)
+    g = torch.Generator().manual_seed(3)
+    M = 29
+    x = torch.randn(M, C, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(M, R, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(R, generator=g, dtype=torch.float64).to(dtype)
+    w, xd, dyd = bsm.to_dense().double(), x.double(), dy.double()
+    assert rel_err(cpu.forward(x, bsm, bias), xd @ w.t() + bias.double()) <= TOL[dtype]
+    assert rel_err(cpu.forward(x, bsm), xd @ w.t()) <= TOL[dtype]
+    dx = cpu.grad_input(dy, bsm)
+    dv = cpu.grad_values(dy, x, bsm)
+    if bsm.nnz:
+        assert rel_err(dx, dyd @ w) <= TOL[dtype]
+        assert rel_err(dv, BlockSparseMatrix.from_weight(dyd.t() @ xd, block, alive).values) <= TOL[dtype]
+    else:
+        assert torch.count_nonzero(dx) == 0 and dv.shape[0] == 0
+    assert torch.get_num_threads() == split_threads      # the split restores the setting
+
+
+@pytest.mark.parametrize("R,C,block", [(40, 36, (16, 16)), (30, 45, (5, 10)), (64, 96, (32, 32))])
+def test_cpu_cols_token_tiles_match_reference(split_threads, monkeypatch, R, C, block):
+    # tiles of 64 tokens (the smallest): 150 rows → 3 tiles, the last one partial
+    monkeypatch.setattr(cpu, "_TILE_BYTES", 1)
+    bsm, alive = make(R, C, block, 0.5, torch.float32, seed=9)
+    x, dy, bias = torch.randn(150, C), torch.randn(150, R), torch.randn(R)
+    w = bsm.to_dense().double()
+    assert rel_err(cpu.forward(x, bsm, bias), x.double() @ w.t() + bias.double()) <= 1e-5
+    assert rel_err(cpu.grad_input(dy, bsm), dy.double() @ w) <= 1e-5
+
+
+def test_cpu_cols_split_with_unsorted_columns(split_threads):
+    # a hand-built BSR index whose columns descend within each block-row: the threads
+    # of dX scatter in that order, and the result is still right
+    bsm, _ = make(64, 96, (16, 16), 0.4, torch.float64, seed=8)
+    order = torch.cat([torch.arange(int(a), int(e)).flip(0) for a, e in zip(bsm.crow[:-1], bsm.crow[1:])])
+    shuffled = BlockSparseMatrix.from_bsr(bsm.shape, bsm.block, bsm.values[order], bsm.crow, bsm.col[order])
+    assert torch.equal(shuffled.to_dense(), bsm.to_dense())
+    dy = torch.randn(5, 64, dtype=torch.float64)
+    x = torch.randn(5, 96, dtype=torch.float64)
+    assert rel_err(cpu.grad_input(dy, shuffled), dy @ bsm.to_dense()) <= 1e-12
+    assert rel_err(cpu.forward(x, shuffled), x @ bsm.to_dense().t()) <= 1e-12
+
+
+@pytest.mark.parametrize("layout", ["token_minor", "column_slice"])
+def test_cpu_cols_reads_strided_inputs(split_threads, layout):
+    # x as the previous sparse layer returns it (a transposed view), or a column slice
+    bsm, _ = make(64, 96, (32, 32), 0.5, torch.float32, seed=6)
+    base = torch.randn(96, 21) if layout == "token_minor" else torch.randn(21, 130)
+    x = base.t() if layout == "token_minor" else base[:, 17:113]
+    assert not x.is_contiguous()
+    ref = x.double() @ bsm.to_dense().double().t()
+    assert rel_err(cpu.forward(x, bsm), ref) <= 1e-5
+
+
+def test_gradcheck_cpu_op_split_across_threads(split_threads):
+    bsm, _ = make(40, 36, (16, 16), 0.5, torch.float64, seed=5)
+    values = bsm.values.clone().requires_grad_(True)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 36, dtype=torch.float64, requires_grad=True)
+
+    def f(x, values, bias):
+        return block_sparse_linear(x, bsm.with_values(values), bias, backend="cpu", strategy="cols")
+
+    assert torch.autograd.gradcheck(f, (x, values, bias))
 
 
 def test_cpu_output_chains_without_transposes():
@@ -177,3 +260,23 @@ def test_cost_model_is_monotone_and_sane():
     assert predict_speedup(8192, shape, (64, 64), 0.1, torch.bfloat16, "triton") > 1.0
     assert choose_cpu_strategy(512, shape, (32, 32), 0.1) == "cols"
     assert choose_cpu_strategy(512, shape, (32, 32), 1.0) == "dense"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_one_thread_child_runs_after_the_parent_used_the_thread_pool(split_threads):
+    # A forked child (a DataLoader worker) inherits the pool object but not its threads;
+    # with one torch thread, as DataLoader workers run (torch's own multi-threaded ops
+    # hang in a forked child once the parent used OpenMP), the kernel must not touch it.
+    import multiprocessing as mp
+
+    bsm, _ = make(64, 96, (16, 16), 0.5, torch.float32, seed=5)
+    x = torch.randn(40, 96)
+    cpu.forward(x, bsm)                                    # the parent starts its pool
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(_forward_in_child, (x, bsm)).get(timeout=60)
+    torch.testing.assert_close(got, x @ bsm.to_dense().t(), rtol=1e-5, atol=1e-5)
+
+
+def _forward_in_child(x, bsm):
+    torch.set_num_threads(1)
+    return cpu.forward(x, bsm).contiguous()
