@@ -9,6 +9,12 @@ for that shape, block, density and backend, and if the predicted speedup reaches
 weight node gets node.meta[planc.meta.LOWERED]: what was done and why; `report(gm)`
 collects them as a table.
 
+With `measure=True` a linear layer the prediction would lower is also timed, lowered
+against dense on random inputs of its shape (tokens × in-features, interleaved medians),
+and stays dense when the measurement misses `min_speedup`: the cost model's constants
+come from one machine, and at small sizes fixed per-call costs it does not see decide
+(a 512×64 layer at 64 tokens was predicted 2.0× and ran 0.45×). `planc apply` measures.
+
 The block of a layer comes from what earlier passes recorded (node.meta[BAKED]["block"],
 node.meta[TARGET].block), else from `blocks=` (one (r, c) or a dict by layer name), else
 it is inferred from the zeros: the candidate block with the best predicted speedup among
@@ -34,7 +40,7 @@ _REPORT_KEY = "planc.lower_report"
 def lower(gm: fx.GraphModule, backend: str = "auto", dtype: Optional[torch.dtype] = None,
           min_speedup: float = 1.0, *, tokens: Optional[int] = None,
           blocks: Union[None, Sequence[int], Dict[str, Sequence[int]]] = None,
-          inplace: bool = False, verbose: bool = False) -> fx.GraphModule:
+          inplace: bool = False, verbose: bool = False, measure: bool = False) -> fx.GraphModule:
     """A copy of `gm` (unless inplace) with its pruned layers on block-sparse kernels.
 
     backend: "auto" (Triton when the weights are on CUDA, else the CPU path) | "triton" |
@@ -42,9 +48,10 @@ def lower(gm: fx.GraphModule, backend: str = "auto", dtype: Optional[torch.dtype
     cast; inputs are cast to it and outputs back). min_speedup: lower a layer only when
     the predicted speedup over dense reaches it (0 lowers every pruned layer). tokens:
     the row count the prediction assumes (default: from the graph's shape metadata, else
-    512)."""
+    512). measure: also time each linear layer the prediction lowers, and keep it dense
+    when it measured below min_speedup (decisions then depend on the machine's load)."""
     return lower_pass(gm, backend=backend, dtype=dtype, min_speedup=min_speedup, tokens=tokens, blocks=blocks,
-                      inplace=inplace, verbose=verbose)[0]
+                      inplace=inplace, verbose=verbose, measure=measure)[0]
 
 
 def lower_pass(gm: fx.GraphModule, **kw) -> Tuple[fx.GraphModule, bool]:
@@ -61,7 +68,7 @@ def lower_pass(gm: fx.GraphModule, **kw) -> Tuple[fx.GraphModule, bool]:
     changed = False
     for use in weight_uses(gm):
         row = _lower_one(gm, use, backend=backend, dtype=kw.get("dtype"), min_speedup=float(kw.get("min_speedup", 1.0)),
-                         tokens=kw.get("tokens"), blocks=kw.get("blocks"))
+                         tokens=kw.get("tokens"), blocks=kw.get("blocks"), measure=bool(kw.get("measure", False)))
         changed |= row["action"] == "lowered"
         rows.append(row)
     for _, g in _graphs(gm):
@@ -77,7 +84,7 @@ def lower_pass(gm: fx.GraphModule, **kw) -> Tuple[fx.GraphModule, bool]:
 
 # ---- one layer -------------------------------------------------------------------------
 
-def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks) -> dict:
+def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=False) -> dict:
     from planc.kernels.cost import predict_speedup
     from planc.kernels.format import BlockSparseMatrix
     from planc.kernels.ops import resolve_backend
@@ -129,11 +136,34 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks) -> dict:
     if bias is not None and dtype is not None:
         bias = bias.to(dtype)
     module = _make_module(use, weight, bsm, bias, chosen)
+    reason = f"predicted {speedup:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens"
+    if measure and use.op == "linear":
+        measured = _measure_linear(module, weight, bias, n_tokens)
+        row["measured_speedup"] = round(measured, 2)
+        if measured < min_speedup:
+            return keep(f"measured {measured:.2f}x < min_speedup {min_speedup:g} at {n_tokens} tokens "
+                        f"(predicted {speedup:.2f}x)")
+        reason = f"measured {measured:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens (predicted {speedup:.2f}x)"
     new_node = _replace(gm, use, module)
-    row.update(action="lowered", backend=chosen,
-               reason=f"predicted {speedup:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens")
+    row.update(action="lowered", backend=chosen, reason=reason)
     new_node.meta[M.LOWERED] = dict(row)   # the node kept (call_module) or its replacement
     return row
+
+
+def _measure_linear(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], tokens: int,
+                    repeats: int = 9) -> float:
+    """Dense time / lowered time of one linear layer on random (tokens, in) inputs."""
+    import torch.nn.functional as F
+
+    from planc.bench import timeit_interleaved
+
+    x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device,
+                    generator=torch.Generator(device=weight.device).manual_seed(0))
+    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        t = timeit_interleaved({"dense": lambda: F.linear(x, weight, bias), "lowered": lambda: module(x)},
+                               repeats, sync)
+    return t["dense"] / t["lowered"]
 
 
 def _conv_unsupported(use, weight) -> str:

@@ -61,10 +61,10 @@ class Cell:
 
 def _timeit(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
     """Median ms of one callable (after two warm-up calls)."""
-    return _timeit_interleaved({"fn": fn}, repeats, sync)["fn"]
+    return timeit_interleaved({"fn": fn}, repeats, sync)["fn"]
 
 
-def _timeit_interleaved(fns: dict, repeats: int, sync: Callable[[], None]) -> dict:
+def timeit_interleaved(fns: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict:
     """Median ms of each callable, timed in turn within every repetition (after two
     warm-up calls each), so that changing load affects all of them alike."""
     for fn in fns.values():
@@ -147,11 +147,11 @@ def bench_cell(shape, tokens, block, sparsity, dtype="fp32", backend="cpu", repe
     ref = x.double() @ w.double().t()
     err = float(((ours_fwd().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
     load = load_average()
-    fwd = _timeit_interleaved(dict(dense=dense_fwd, ours=ours_fwd, **({"bsr": bsr_fwd} if bsr_fwd else {})),
+    fwd = timeit_interleaved(dict(dense=dense_fwd, ours=ours_fwd, **({"bsr": bsr_fwd} if bsr_fwd else {})),
                               repeats, sync)
     bwd = {}
     if backward:
-        bwd = _timeit_interleaved(dict(dense=dense_bwd, ours=ours_bwd, **({"bsr": bsr_dx} if bsr_dx else {})),
+        bwd = timeit_interleaved(dict(dense=dense_bwd, ours=ours_bwd, **({"bsr": bsr_dx} if bsr_dx else {})),
                                   repeats, sync)
     cell = Cell(shape=(R, C), tokens=tokens, block=block, sparsity=round(achieved, 4), dtype=dtype, backend=backend,
                 dense_fwd_ms=fwd["dense"], ours_fwd_ms=fwd["ours"], bsr_fwd_ms=fwd.get("bsr"),
@@ -186,7 +186,7 @@ def model_comparison(hidden: int, block: int, sparsity: float, tokens: int = 512
     with torch.no_grad():
         a, b = baked(x), lowered(x)
         err = float(((a - b).abs().max() / a.abs().max()).item())
-        t = _timeit_interleaved(dict(baked=lambda: baked(x), lowered=lambda: lowered(x)), repeats, lambda: None)
+        t = timeit_interleaved(dict(baked=lambda: baked(x), lowered=lambda: lowered(x)), repeats, lambda: None)
         tb, tl = t["baked"], t["lowered"]
     lowered_layers = [r["layer"] for r in report(lowered) if r["action"] == "lowered"]
     return dict(model=f"digits MLP 64-{hidden}-{hidden}-10", block=block, sparsity=sparsity, tokens=tokens,

@@ -54,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     if lowering:
         n, total = lowering["lowered_layers"], len(lowering["layers"])
         timed = (f", {lowering['speedup']:.2f}x the baked model's speed on inputs {lowering['inputs']}"
-                 if "speedup" in lowering else " (none predicted faster than dense)")
+                 if "speedup" in lowering else " (no layer was predicted and measured faster than dense; reasons in report.json)")
         print(f"{out}: lowered {n}/{total} layers, backend {lowering['backend']}{timed}")
     return 0

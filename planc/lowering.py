@@ -29,8 +29,9 @@ def lower_and_measure(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch
     from planc.passes.lower import lower, report
 
     dtype = getattr(torch, plan.lower.dtype) if plan.lower.dtype else None
+    # measure=True: a layer the cost model would lower stays dense if it times slower here
     lowered = lower(baked, backend=plan.lower.backend, dtype=dtype, min_speedup=plan.lower.min_speedup,
-                    tokens=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None).eval()
+                    tokens=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None, measure=True).eval()
     rows = report(lowered)
     with torch.inference_mode():
         ref, out = baked(*inputs), lowered(*inputs)

@@ -92,6 +92,43 @@ def test_lower_backend_dense_and_min_speedup_keep_layers_dense():
         planc.lower(baked, backend="gpu")
 
 
+@pytest.mark.parametrize("measured,action", [(0.5, "dense"), (3.0, "lowered")])
+def test_measure_keeps_a_layer_dense_when_its_timing_misses_min_speedup(monkeypatch, measured, action):
+    from planc.passes import lower as lower_module
+
+    seen = []
+
+    def fake_measure(module, weight, bias, tokens):
+        seen.append((tuple(weight.shape), tokens))
+        return measured
+
+    monkeypatch.setattr(lower_module, "_measure_linear", fake_measure)
+    baked = fx.symbolic_trace(prune(mlp(hidden=128), (16, 16), 0.75))
+    gm = planc.lower(baked, backend="cpu", min_speedup=1.0, blocks=(16, 16), tokens=512, measure=True)
+    rows = {r["layer"]: r for r in report(gm)}
+    timed = [r for r in rows.values() if "measured_speedup" in r]
+    # every layer the prediction lowers is timed, at the given token count; no other is
+    assert seen and [(tuple(r["shape"]), 512) for r in timed] == seen
+    assert all(r["predicted_speedup"] >= 1.0 for r in timed)
+    for row in timed:
+        assert row["action"] == action and row["measured_speedup"] == measured
+        assert row["reason"].startswith(f"measured {measured:.2f}x")
+    assert len(sparse_modules(gm)) == (len(timed) if action == "lowered" else 0)
+
+
+def test_measure_on_this_machine_decides_by_the_measured_ratio():
+    # no timing assertion: whatever this machine measures, the decision must follow it
+    baked = fx.symbolic_trace(prune(mlp(hidden=256), (16, 16), 0.9))
+    gm = planc.lower(baked, backend="cpu", min_speedup=1.0, blocks=(16, 16), tokens=128, measure=True)
+    for row in report(gm):
+        if "measured_speedup" in row:
+            assert row["measured_speedup"] > 0
+            assert (row["action"] == "lowered") == (row["measured_speedup"] >= 1.0), row
+    x = torch.randn(128, 64)
+    with torch.no_grad():
+        assert rel(gm(x), baked(x)) <= 1e-5
+
+
 def test_lower_reads_the_block_from_node_meta():
     model = prune(mlp(hidden=128), (32, 16), 0.75)
     baked = fx.symbolic_trace(model)
