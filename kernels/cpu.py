@@ -160,7 +160,10 @@ def _take_scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
         for i, buf in enumerate(_SCRATCH):
             if buf.dtype == dtype and buf.numel() >= numel:
                 return _SCRATCH.pop(i)
-    return torch.empty(numel, dtype=dtype)
+    # a normal tensor even when called under torch.inference_mode(): an inference tensor
+    # kept here could not be written by a later call made outside inference mode
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype)
 
 
 def _give_scratch(buf: torch.Tensor) -> None:
@@ -244,7 +247,8 @@ def _run_parallel(tasks) -> None:
         _POOL_SIZE = len(tasks) - 1
     torch.set_num_threads(1)
     try:
-        futures = [_POOL.submit(_no_grad_call, t) for t in tasks[1:]]
+        inference = torch.is_inference_mode_enabled()
+        futures = [_POOL.submit(_call_in_mode, t, inference) for t in tasks[1:]]
         try:
             tasks[0]()
         finally:
@@ -254,8 +258,11 @@ def _run_parallel(tasks) -> None:
         torch.set_num_threads(threads)    # also torch's default for threads created later
 
 
-def _no_grad_call(task) -> None:
-    with torch.no_grad():      # grad mode is per thread; the pool's default is on
+def _call_in_mode(task, inference: bool) -> None:
+    """Run a task in the caller's mode: grad and inference mode are per thread (the pool's
+    default is grad on, inference off), and an output tensor the caller made under
+    torch.inference_mode() may only be written in inference mode."""
+    with torch.inference_mode(inference), torch.no_grad():
         task()
 
 

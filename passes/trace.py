@@ -161,6 +161,11 @@ def trace_pass(model, ctx) -> Tuple[fx.GraphModule, bool]:
 # ---- export -----------------------------------------------------------------------------
 
 def _export(model, args, kwargs, dynamic, dynamic_shapes) -> fx.GraphModule:
+    # A strided view as example input (x[:, :64] of a wider batch) makes torch 2.13's
+    # exported guard function fail on every later call ("'NoneType' object has no
+    # attribute 'size'"); the graph does not depend on the example's strides, so export
+    # a contiguous copy.
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
     if dynamic_shapes is None and dynamic:
         dynamic_shapes = _dynamic_shapes(model, args, kwargs)
     was_training = model.training

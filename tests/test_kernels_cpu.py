@@ -280,3 +280,19 @@ def test_a_forked_one_thread_child_runs_after_the_parent_used_the_thread_pool(sp
 def _forward_in_child(x, bsm):
     torch.set_num_threads(1)
     return cpu.forward(x, bsm).contiguous()
+
+
+def test_the_threaded_path_under_inference_mode_then_outside_it(split_threads):
+    # Inference mode is per thread: the workers must write the caller's inference-mode
+    # output, and buffers kept from an inference-mode call must serve a later normal call.
+    bsm, _ = make(64, 96, (16, 16), 0.5, torch.float32, seed=4)
+    x = torch.randn(40, 96)
+    want = x.double() @ bsm.to_dense().double().t()
+    with torch.inference_mode():
+        assert rel_err(cpu.forward(x, bsm), want) <= 1e-5
+    with torch.no_grad():
+        assert rel_err(cpu.forward(x, bsm), want) <= 1e-5
+    xg = x.clone().requires_grad_(True)
+    y = block_sparse_linear(xg, bsm)
+    y.sum().backward()
+    assert rel_err(y.detach(), want) <= 1e-5 and xg.grad is not None

@@ -148,3 +148,12 @@ def test_torch_output_is_held_during_export_dropped_on_failure_and_replayed_on_s
         assert seen in logger.handlers and len([h for h in logger.handlers if h is seen]) == 1
     finally:
         logger.removeHandler(seen)
+
+
+def test_a_strided_example_input_gives_a_graph_that_runs():
+    # torch.export's guard function broke on every call after exporting with a view
+    big = torch.randn(8, 128)
+    gm = trace(mlp(hidden=32), big[:4, :64])
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(gm(x), gm(x.clone()))
+    assert gm(x).shape == (5, 10)
