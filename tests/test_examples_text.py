@@ -1,0 +1,20 @@
+"""The offline English text of the MiniLM example (planc.examples.minilm_text): the
+training-only docstring corpus is real prose, deterministic, and disjoint from the
+validation topics' source."""
+import pytest
+
+from planc.examples import minilm_text
+
+
+def test_stdlib_docstrings_are_prose_from_the_listed_modules_and_repeatable():
+    docs = minilm_text._docstrings()
+    assert set(docs) <= set(minilm_text._DOC_MODULES) and len(docs) >= 80
+    total_words = sum(len(text.split()) for text in docs.values())
+    assert total_words > 100_000                       # more than the topics' training split
+    assert "JavaScript Object Notation" in docs["json"]
+    assert minilm_text._docstrings() == docs
+
+
+def test_an_unknown_corpus_is_named():
+    with pytest.raises(ValueError, match="expected a corpus 'topics' or 'stdlib-docstrings', got 'wiki'"):
+        minilm_text._texts("wiki")
