@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     lowering = result.report.get("lowering")
     if lowering:
         n, total = lowering["lowered_layers"], len(lowering["layers"])
-        timed = (f", {lowering['speedup']:.2f}x the baked model's speed on inputs {lowering['inputs']}"
-                 if "speedup" in lowering else " (no layer was predicted and measured faster than dense; reasons in report.json)")
+        if "kept_dense" in lowering:
+            timed = f" ({lowering['kept_dense']}, on inputs {lowering['inputs']})"
+        elif "speedup" in lowering:
+            timed = f", {lowering['speedup']:.2f}x the baked model's speed on inputs {lowering['inputs']}"
+        else:
+            timed = " (no layer was predicted and measured faster than dense; reasons in report.json)"
         print(f"{out}: lowered {n}/{total} layers, backend {lowering['backend']}{timed}")
     return 0

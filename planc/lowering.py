@@ -1,6 +1,8 @@
 """The last step of `planc apply`: lower the baked model as the plan's `lower:` section
 says, check that the lowered model computes what the baked one does, and measure both in
-the same process, so the run's report states a measured ratio, not a prediction."""
+the same process, so the run's report states a measured ratio, not a prediction. A layer
+is lowered only if predicted and timed faster alone (passes/lower.py, measure=True), and
+the lowering as a whole is kept only if the whole model also measured faster."""
 from __future__ import annotations
 
 import statistics
@@ -48,4 +50,13 @@ def lower_and_measure(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch
         baked_ms = _median_ms(baked, inputs, repeats)
         lowered_ms = _median_ms(lowered, inputs, repeats)
         summary.update(baked_ms=baked_ms, lowered_ms=lowered_ms, speedup=baked_ms / lowered_ms)
+        if summary["speedup"] < plan.lower.min_speedup:
+            # Layers that time faster alone can still slow the whole model (the CPU path
+            # returns a transposed view the next op may copy): keep the model dense.
+            why = (f"the whole lowered model measured {summary['speedup']:.2f}x < min_speedup "
+                   f"{plan.lower.min_speedup:g}: kept dense")
+            for row in rows:
+                if row["action"] == "lowered":
+                    row.update(action="dense", backend="dense", reason=f"{why} (alone: {row['reason']})")
+            summary.update(lowered_layers=0, kept_dense=why)
     return summary

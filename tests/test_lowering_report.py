@@ -40,3 +40,23 @@ def test_a_plan_that_lowers_nothing_reports_no_timing():
     summary = lower_and_measure(baked, plan, (torch.randn(8, 64),), repeats=3)
     assert summary["lowered_layers"] == 0 and "speedup" not in summary
     assert all(r["action"] == "dense" for r in summary["layers"])
+
+
+def test_a_lowering_that_slows_the_whole_model_is_kept_dense(monkeypatch):
+    # Layers timed faster alone (here: any, min_speedup 0.5 and a stubbed per-layer timing)
+    # but the whole model measured slower: the report says so and lowers nothing.
+    from planc import lowering
+    from planc.passes import lower as lower_module
+
+    monkeypatch.setattr(lower_module, "_measure_linear", lambda module, weight, bias, tokens: 2.0)
+    times = iter([1.0, 4.0])                                 # baked 1 ms, lowered 4 ms
+    monkeypatch.setattr(lowering, "_median_ms", lambda module, inputs, repeats: next(times))
+    plan, baked = _baked()
+    plan = dataclasses.replace(plan, lower=Lower(backend="cpu", min_speedup=0.5))
+    summary = lower_and_measure(baked, plan, (torch.randn(48, 64),), repeats=3)
+    assert summary["speedup"] == 0.25 and summary["lowered_layers"] == 0
+    assert summary["kept_dense"] == "the whole lowered model measured 0.25x < min_speedup 0.5: kept dense"
+    rows = {r["layer"]: r for r in summary["layers"]}
+    for name in ("layers.0", "layers.2"):
+        assert rows[name]["action"] == "dense" and rows[name]["measured_speedup"] == 2.0
+        assert rows[name]["reason"].startswith("the whole lowered model measured 0.25x")
