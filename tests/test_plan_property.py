@@ -75,9 +75,9 @@ def _check_text(text):
 def test_mutated_plans_raise_only_plan_errors_with_positions(plan):
     try:
         load_plan(plan)                         # as a dict: no positions, still only PlanError
-    except PlanError:
-        pass
-    _check_text(yaml.safe_dump(plan, sort_keys=False))
+    except PlanError as err:
+        assert err.problems and all(p.message and "\n" not in p.message for p in err.problems)
+    _check_text(yaml.safe_dump(plan, sort_keys=False))      # asserts positions and one line each
 
 
 @settings(max_examples=N, deadline=None, suppress_health_check=[HealthCheck.too_slow])
