@@ -186,9 +186,7 @@ def _panel_loop(acc, init, panels, src_t, ptr, dest, todo, out_width, in_width) 
     scratch = _take_scratch(most * M, acc.dtype)
     buf = scratch[:most * M].view(most, M)
     try:
-        for g in todo:
-            if g >= groups:
-                return
+        for g in _claim(todo, groups):
             a, e = ptr[g], ptr[g + 1]
             if a == e:
                 continue
@@ -198,6 +196,15 @@ def _panel_loop(acc, init, panels, src_t, ptr, dest, todo, out_width, in_width) 
             acc.index_add_(0, dest[a:e], prod.view(e - a, out_width, M))
     finally:
         _give_scratch(scratch)
+
+
+def _claim(todo, n: int):
+    """The indices this thread takes from the shared counter `todo`, until n is reached
+    (next() on an itertools.count is atomic under the GIL, so no index is taken twice)."""
+    for i in todo:
+        if i >= n:
+            return
+        yield i
 
 
 def _sum_into(out, accs, a: int, e: int) -> None:
@@ -301,9 +308,7 @@ def grad_values(dy: torch.Tensor, x: torch.Tensor, bsm: BlockSparseMatrix) -> to
 def _grad_rows(dv, dyt, xb, col, rc, todo, r, c) -> None:
     """One thread's share of grad_values: block-rows from `todo` until none is left."""
     M, rows = dyt.shape[1], len(rc) - 1
-    for i in todo:
-        if i >= rows:
-            return
+    for i in _claim(todo, rows):
         a, e = rc[i], rc[i + 1]
         if a == e:
             continue

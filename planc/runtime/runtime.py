@@ -106,18 +106,12 @@ class Runtime:
         wg = dict(base, params=weights, name="weights")
         lg = dict(base, params=logits, name="logits")
         m = self.plan.method
-        if lr is not None:
-            wg["lr"] = float(lr)
-        if m.logits_lr is not None:
-            lg["lr"] = float(m.logits_lr)
-        elif lr is not None:
-            lg["lr"] = float(lr)
-        if weight_decay is not None:
-            wg["weight_decay"] = float(weight_decay)
-        if m.logits_weight_decay is not None:
-            lg["weight_decay"] = float(m.logits_weight_decay)
-        elif weight_decay is not None:
-            lg["weight_decay"] = float(weight_decay)
+        for key, value, logits_value in (("lr", lr, m.logits_lr), ("weight_decay", weight_decay, m.logits_weight_decay)):
+            if value is not None:
+                wg[key] = float(value)
+            own = logits_value if logits_value is not None else value    # the logits' own, else the weights'
+            if own is not None:
+                lg[key] = float(own)
         return [wg, lg] if logits else [wg]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
