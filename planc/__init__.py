@@ -36,8 +36,10 @@ def lower(graph_module, backend: str = "auto", **kwargs):
     return _lower(graph_module, backend=backend, **kwargs)
 
 
-def load(run_dir):
-    """Rebuild the baked model of a run folder, with no pickle (see planc.runfolder)."""
+def load(run_dir, model=None, *, trust_factory=False):
+    """The baked model of a run folder, rebuilt with no pickle and no code from the folder:
+    `model` gives the architecture to load into; `trust_factory=True` instead imports and
+    calls the plan's factory (code the folder names). See planc.runfolder."""
     from planc.runfolder import load as _load
 
-    return _load(run_dir)
+    return _load(run_dir, model, trust_factory=trust_factory)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from planc.errors import RunFolderError
+from planc.safeio import atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401  (atomic_write_*: re-exported)
 
 META_KEY = "planc"
 
@@ -53,33 +54,6 @@ def decode(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_tensors(path: str, tensors: Dict[str, torch.Tensor], meta: Any = None) -> None:
     """Atomically write `tensors` (safetensors) with `meta` as JSON in the metadata."""
     from safetensors.torch import save
@@ -104,8 +78,8 @@ def load_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Any]:
     raw = metadata.get(META_KEY)
     try:
         meta = json.loads(raw) if raw is not None else None
-    except json.JSONDecodeError as err:
-        raise RunFolderError(f"{path}: corrupt metadata ({err})") from None
+    except (json.JSONDecodeError, RecursionError) as err:   # RecursionError: crafted deep nesting
+        raise RunFolderError(f"{path}: corrupt metadata ({type(err).__name__})") from None
     return tensors, meta
 
 
@@ -120,23 +94,39 @@ def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+STATE_FORMAT = "planc.state/2"
+
+
+def state_digest(encoded: Any, tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over the encoded JSON state (step, phase, optimizer settings, data position,
+    RNG, ...) and the tensors: a flipped bit anywhere in what load_state returns is seen."""
+    text = json.dumps(encoded, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(f"{text}\0{tensors_digest(tensors)}".encode()).hexdigest()
+
+
 def save_state(path: str, state: Any) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     meta = encode(state, tensors)
-    save_tensors(path, tensors, {"state": meta, "sha256": tensors_digest(tensors)})
+    save_tensors(path, tensors, {"format": STATE_FORMAT, "state": meta, "sha256": state_digest(meta, tensors)})
 
 
 def load_state(path: str) -> Any:
     tensors, meta = load_tensors(path)
     if not isinstance(meta, dict) or "state" not in meta:
         raise RunFolderError(f"{path}: not a planc state file")
-    digest = meta.get("sha256")
-    if digest is not None and digest != tensors_digest(tensors):
-        raise RunFolderError(f"{path}: corrupt (the tensors' sha256 differs from the one recorded when written)")
+    if meta.get("format") != STATE_FORMAT:
+        raise RunFolderError(f"{path}: expected state format {STATE_FORMAT!r}, got {meta.get('format')!r} "
+                             "(written by another planc version, or corrupt)")
+    try:
+        digest = state_digest(meta["state"], tensors)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise RunFolderError(f"{path}: corrupt state ({type(err).__name__})") from None
+    if meta.get("sha256") != digest:
+        raise RunFolderError(f"{path}: corrupt (its sha256 over state and tensors differs from the one recorded when written)")
     try:
         return decode(meta["state"], tensors)
-    except (KeyError, ValueError, TypeError) as err:
-        raise RunFolderError(f"{path}: corrupt state ({err})") from None
+    except (KeyError, ValueError, TypeError, RecursionError) as err:
+        raise RunFolderError(f"{path}: corrupt state ({type(err).__name__}: {err})") from None
 
 
 # ---- checkpoints that survive a crash at any instant and a damaged latest file ------------
@@ -160,7 +150,7 @@ def save_state_keep_previous(path: str, state: Any) -> None:
     if os.path.isfile(path):
         os.replace(path, previous_path(path))
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def load_state_or_previous(path: str, log=None) -> Tuple[Any, str]:

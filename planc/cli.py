@@ -94,7 +94,7 @@ def _error(text: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from planc.errors import PlancError, PlanError, SelectError
+    from planc.errors import OutputFolderError, PlancError, PlanError, SelectError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -113,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PlanError as err:
         _error(str(err))                     # one line per problem already
         return EXIT_USAGE
-    except SelectError as err:               # the plan's rules do not fit the model
+    except (SelectError, OutputFolderError) as err:   # the rules do not fit the model; a bad --out
         _error(f"planc: {_one_line(err)}")
         return EXIT_USAGE
     except PlancError as err:

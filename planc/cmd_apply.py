@@ -1,4 +1,4 @@
-"""`planc apply PLAN [--out DIR] [--resume] [--steps N]`: the whole pipeline with the
+"""`planc apply PLAN [--out DIR] [--resume | --overwrite] [--steps N]`: the whole pipeline with the
 built-in trainer (planc.train), ending in a run folder (planc.runfolder).
 
 Data parallel: `torchrun --nproc_per_node N -m planc.cli apply PLAN` runs the same plan
@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="the run folder (default: the plan's `output`, else runs/<name>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from DIR/checkpoint.safetensors when there is one")
+                        help="continue the unfinished run of this plan in DIR (a finished one: nothing to do)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace planc's files in DIR whatever run they hold (without it, a folder holding "
+                             "another run or other files is refused)")
     parser.add_argument("--steps", metavar="N", type=int, default=None,
                         help="override train.steps; the phases are scaled proportionally")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
@@ -37,9 +40,12 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         plan = scale_schedule(plan, args.steps)
     out = args.out or plan.output or os.path.join("runs", plan.name)
-    result = train(plan, out, resume=args.resume,
+    result = train(plan, out, resume=args.resume, overwrite=args.overwrite,
                    progress={"auto": None, "on": True, "off": False}[args.progress])
     if not result.main:                    # under torchrun, rank 0 reports for everyone
+        return 0
+    if result.already_finished:
+        print(f"{out}: already finished ({result.report.get('steps')} steps); nothing to do")
         return 0
     try:                                   # plots must never lose a finished run
         from planc.report import write_report

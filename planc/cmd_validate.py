@@ -40,10 +40,10 @@ FORMATS: Dict[str, Callable[[List[Result], bool], str]] = {"text": _text, "json"
 
 
 def validate(path: str) -> List[Problem]:
-    from planc.plan.load import load_plan
+    from planc.plan.load import MAX_PLAN_BYTES, load_plan
 
     try:
-        load_plan(path if path != "-" else sys.stdin.read(), file="<stdin>" if path == "-" else None)
+        load_plan(path if path != "-" else sys.stdin.read(MAX_PLAN_BYTES + 1), file="<stdin>" if path == "-" else None)
     except PlanError as err:
         return list(err.problems)
     return []

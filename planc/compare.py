@@ -352,7 +352,7 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
     plan = load_plan(job["plan_yaml"], file=f"{job['label']}")
     reused = False
     if not force and (run_dir / REPORT).is_file() and (run_dir / "plan.yaml").is_file():
-        from planc.train import plan_fingerprint
+        from planc.runfolder import plan_fingerprint
 
         try:
             reused = plan_fingerprint(load_plan(str(run_dir / "plan.yaml"))) == plan_fingerprint(plan)
@@ -366,7 +366,7 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
         for f in ("compare_extra.json", REPORT):
             if (run_dir / f).exists():
                 (run_dir / f).unlink()
-        train(plan, str(run_dir), progress=False, log=lambda s: None)
+        train(plan, str(run_dir), overwrite=True, progress=False, log=lambda s: None)   # compare owns its run folders
         try:
             from planc.report import write_report
 
@@ -378,7 +378,7 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
     extra_path = run_dir / "compare_extra.json"
     extra = json.loads(extra_path.read_text()) if extra_path.is_file() else {}
     if (eval_spec and "eval" not in extra) or (bench and "bench" not in extra):
-        model = load(str(run_dir))
+        model = load(str(run_dir), trust_factory=True)     # the plan compare was given and has just run
         if eval_spec and "eval" not in extra:
             extra["eval"] = {k: float(v) for k, v in _import_callable(eval_spec)(model, plan).items()}
         if bench and "bench" not in extra:
@@ -589,7 +589,7 @@ def write_tables(rows: Sequence[dict], out, *, title: str = "Comparison", comman
 def finished(job: Job) -> bool:
     """Whether the job's folder holds a finished run of exactly its plan."""
     from planc import load_plan
-    from planc.train import plan_fingerprint
+    from planc.runfolder import plan_fingerprint
 
     run_dir = Path(job.run_dir)
     if not (run_dir / "report.json").is_file() or not (run_dir / "plan.yaml").is_file():

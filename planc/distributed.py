@@ -83,6 +83,13 @@ class Ranks:
         dist.all_reduce(buf)
         return buf[0] / self.world
 
+    def barrier(self) -> None:
+        """Wait for every rank (nothing on one process)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def finish(self) -> None:
         """Wait for every rank, then end the process group if planc started it."""
         if self.world == 1:

@@ -63,3 +63,8 @@ class RuntimeStateError(PlancError):
 
 class RunFolderError(PlancError):
     """A run folder or checkpoint is missing, corrupt or tampered with."""
+
+
+class OutputFolderError(RunFolderError):
+    """The output folder holds something a run must not overwrite (another plan's run, a
+    finished run, files planc did not write). Nothing in it was touched."""

@@ -17,7 +17,7 @@ aten = torch.ops.aten
 
 def build_model(plan) -> nn.Module:
     """The plan's model from model.factory ("module:callable" and kwargs)."""
-    from planc.train import call_factory
+    from planc.plan.factory import call_factory
 
     if plan.model.factory is None:
         raise PlancError("the plan has no model.factory: explain needs a model to build")

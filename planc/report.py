@@ -16,17 +16,27 @@ Plots (matplotlib, Agg backend; small PNGs next to report.md):
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from planc.safeio import atomic_write_bytes, atomic_write_text
+
 REPORT_MD = "report.md"
+PLOTS = ("sparsity", "curves", "density", "blocks", "attention")      # each written as <name>.png
 PHASE_COLORS = {"dense": "#d9d9d9", "sparsify": "#fdb863", "sparse": "#92c5de", "finetune": "#a6dba0"}
 DPI = 80
 MAX_LINES = 8          # layers drawn individually in the sparsity plot; more: mean and a few
+
+
+def _save(fig, path: Path) -> None:
+    """A figure as PNG, written atomically and never through a link planted in the folder."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic_write_bytes(str(path), buf.getvalue())
 
 
 # ---- reading -------------------------------------------------------------------------
@@ -135,7 +145,7 @@ def plot_sparsity(path: Path, report: dict, events: Sequence[dict]) -> bool:
     ax.set_title(f"{report.get('plan', '')}: sparsity by step")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return True
 
@@ -167,7 +177,7 @@ def plot_curves(path: Path, report: dict) -> bool:
         ax.set_ylabel(f"validation {metric}")
     fig.suptitle(f"{report.get('plan', '')}: loss and metric", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return bool(steps)
 
@@ -193,7 +203,7 @@ def plot_density(path: Path, report: dict) -> bool:
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("per-layer density")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return True
 
@@ -214,7 +224,7 @@ def plot_blocks(path: Path, alive: Dict[str, "object"], names: Sequence[str]) ->
         ax.tick_params(labelsize=6)
     fig.suptitle("block maps (black: kept)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return True
 
@@ -276,7 +286,7 @@ def plot_attention(path: Path, edges: Sequence[dict], logits: Dict[str, "object"
     ax.set_title("final attention", fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
     return True
 
@@ -342,7 +352,7 @@ def _markdown(report: dict, images: Dict[str, str], edges: Sequence[dict]) -> st
     }
     if images:
         lines += ["## Plots", ""]
-        for key in ("sparsity", "curves", "density", "blocks", "attention"):
+        for key in PLOTS:
             if key in images:
                 lines += [f"![{key}]({images[key]})", "", captions[key], ""]
     if edges:
@@ -380,9 +390,7 @@ def write_report(run_dir, *, plots: bool = True) -> Path:
             if draw(run / f"{key}.png"):
                 images[key] = f"{key}.png"
     path = run / REPORT_MD
-    tmp = run / (REPORT_MD + ".tmp")
-    tmp.write_text(_markdown(report, images, edges) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(str(path), _markdown(report, images, edges) + "\n")
     return path
 
 

@@ -1,45 +1,63 @@
 """The run folder `planc apply` writes, and `load` that rebuilds its baked model.
 
-    plan.yaml           the resolved plan (planc.plan.dump when available, else the source)
+    plan.yaml           the resolved plan (planc.plan.dump)
     model.safetensors   the baked model's state dict: pruned blocks exactly zero
     masks.safetensors   per masked layer `<layer>.alive` (bool grid) and `<layer>.logits`;
                         metadata: each layer's block, weight shape, mode and parameter name
-    report.json         per-layer target vs achieved sparsity, metrics, timings, and the
-                        sha256 of the two safetensors files
+    report.json         per-layer target vs achieved sparsity, metrics, timings, the plan's
+                        fingerprint and the sha256 of every other file of the folder
     events.jsonl        the runtime's event log, one JSON object a line
 
-Nothing here uses pickle: `load` re-creates the model from the plan's factory, loads the
-weights from safetensors, checks names, shapes, hashes and that every pruned block is
-zero, and raises RunFolderError for anything missing or tampered with.
+Trust: nothing here uses pickle, and reading a folder runs none of its code. `read`
+checks every file against report.json's hashes before it parses any of them, then
+names, shapes and that every pruned block is zero; anything missing, malformed or
+tampered with is a one-line RunFolderError. Rebuilding the model needs its
+architecture: the caller passes it (`model=`) or asks explicitly for the plan's factory
+to be imported and called (`trust_factory=True`).
+
+Writing: `prepare_output` decides what a run may do with its output folder before
+anything is written (never overwrite another plan's run, a finished run, or files planc
+did not make, unless asked); report.json is written last, so a folder whose run failed
+never loads as a finished one.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from planc.blocks import BlockView
-from planc.checkpoint import atomic_write_text, load_tensors, save_tensors, sha256_file
-from planc.errors import PlancError, RunFolderError
+from planc.checkpoint import checkpoint_paths, load_state_or_previous, load_tensors, remove_checkpoints, save_tensors, sha256_file
+from planc.errors import OutputFolderError, PlancError, RunFolderError
+from planc.plan import dump_plan, load_plan
+from planc.plan.factory import call_factory
+from planc.plan.types import Plan
+from planc.report import PLOTS, REPORT_MD
+from planc.safeio import MIB, FileRefused, atomic_write_text, read_limited
 
 PLAN = "plan.yaml"
 MODEL = "model.safetensors"
 MASKS = "masks.safetensors"
 REPORT = "report.json"
 EVENTS = "events.jsonl"
+CHECKPOINT = "checkpoint.safetensors"
 FILES = (PLAN, MODEL, MASKS, REPORT, EVENTS)
-REPORT_FORMAT = "planc.report/1"
+HASHED = (PLAN, MODEL, MASKS, EVENTS)               # report.json holds their sha256
+OWN_FILES = FILES + (REPORT_MD,) + tuple(f"{p}.png" for p in PLOTS)   # what --overwrite replaces
+REPORT_FORMAT = "planc.report/2"
+MAX_JSON_BYTES = 256 * MIB                          # report.json, events.jsonl: bounded reads
 
 
-def _plan_text(plan) -> str:
-    """The resolved plan as YAML that loads back to an equal Plan (planc.plan.dump)."""
-    from planc.plan import dump_plan
-
-    return dump_plan(plan)
+def plan_fingerprint(plan: Plan) -> str:
+    """sha256 of everything in a resolved plan that changes what a run computes (not where
+    it was read from or written to)."""
+    bare = dataclasses.replace(plan, source=None, output=None)
+    return hashlib.sha256(repr(bare).encode()).hexdigest()
 
 
 def param_key(pruned, name: str, keys) -> Optional[str]:
@@ -58,6 +76,7 @@ def make_report(plan, runtime, final: Dict[str, float], history: List[dict], tim
     return {
         "format": REPORT_FORMAT,
         "plan": plan.name,
+        "plan_fingerprint": plan_fingerprint(plan),
         "method": dataclasses.asdict(plan.method),
         "steps": runtime.t,
         "phases": [dataclasses.asdict(p) for p in plan.schedule.phases],
@@ -73,7 +92,7 @@ def make_report(plan, runtime, final: Dict[str, float], history: List[dict], tim
 def write(out: str, plan, pruned, baked, report: dict, events: List[dict]) -> None:
     """Write a complete run folder (each file atomically; the report last, with hashes)."""
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, PLAN), _plan_text(plan))
+    atomic_write_text(os.path.join(out, PLAN), dump_plan(plan))
     state = baked.state_dict()
     save_tensors(os.path.join(out, MODEL), state, {"format": "planc.model/1"})
     tensors, layers = {}, {}
@@ -85,8 +104,83 @@ def write(out: str, plan, pruned, baked, report: dict, events: List[dict]) -> No
                         "mode": mask.mode, "param": param_key(pruned, name, state.keys())}
     save_tensors(os.path.join(out, MASKS), tensors, {"format": "planc.masks/1", "layers": layers})
     atomic_write_text(os.path.join(out, EVENTS), "".join(json.dumps(e, sort_keys=True) + "\n" for e in events))
-    report = dict(report, files={f: sha256_file(os.path.join(out, f)) for f in (MODEL, MASKS)})
+    report = dict(report, files={f: sha256_file(os.path.join(out, f)) for f in HASHED})
     atomic_write_text(os.path.join(out, REPORT), json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+# ---- the output folder of a run ---------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """What a run does with its folder: "fresh" (start at step 0), "resume" (continue from
+    `state`, read from `state_file`) or "finished" (a finished run of the same plan is
+    there: nothing to do; `report` is its report)."""
+
+    action: str
+    replace: bool = False              # "fresh" over an earlier run: clear_run(out) first
+    state: Any = None
+    state_file: Optional[str] = None
+    report: Optional[dict] = None
+
+
+def _listing(out: str) -> List[str]:
+    return sorted(os.listdir(out))
+
+
+def _leftover(name: str) -> bool:
+    """A file an unfinished run of planc leaves (its event log, temporary files)."""
+    return name == EVENTS or name.startswith((CHECKPOINT, EVENTS + ".tmp-"))
+
+
+def prepare_output(out: str, plan: Plan, *, resume: bool, overwrite: bool,
+                   log: Callable[[str], None] = lambda s: None) -> Output:
+    """Decide, before anything is written, what a run of `plan` may do with folder `out`
+    (this reads the folder and changes nothing). OutputFolderError for a folder holding
+    another plan's run, a finished or unfinished run it was not asked to continue, or
+    files planc did not write. `overwrite`: the run replaces planc's own files there
+    (`replace`: the caller runs clear_run first); other files are left alone."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise OutputFolderError(f"{out}: exists and is not a folder")
+    names = _listing(out) if os.path.isdir(out) else []
+    if not names:
+        return Output("fresh")
+    if overwrite:
+        return Output("fresh", replace=True)
+    mine = plan_fingerprint(plan)
+    hint = "choose another --out, or --overwrite to replace planc's files there"
+    if REPORT in names:
+        report = _report_json(out)
+        if report.get("plan_fingerprint") != mine:
+            raise OutputFolderError(f"{out}: holds a run of a different plan ({report.get('plan')!r}); {hint}")
+        if resume:
+            return Output("finished", report=report)
+        raise OutputFolderError(f"{out}: holds a finished run of this plan; --overwrite to train it again")
+    ckpt = os.path.join(out, CHECKPOINT)
+    if checkpoint_paths(ckpt):
+        state, used = load_state_or_previous(ckpt, log=log)
+        if not isinstance(state, dict) or state.get("plan") != mine:
+            raise OutputFolderError(f"{used}: written by a different plan; {hint}")
+        if not resume:
+            raise OutputFolderError(f"{out}: holds an unfinished run of this plan (checkpoint at step "
+                                    f"{state.get('step')}); --resume to continue it, or --overwrite to start over")
+        return Output("resume", state=state, state_file=used)
+    if all(_leftover(n) for n in names):
+        if resume:
+            log(f"planc: no checkpoint in {out}; starting from step 0")
+            return Output("fresh")
+        raise OutputFolderError(f"{out}: holds an unfinished run with no checkpoint; --resume or --overwrite "
+                                "to start it again")
+    raise OutputFolderError(f"{out}: not empty and not a planc run ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''}); {hint}")
+
+
+def clear_run(out: str) -> None:
+    """Remove planc's own files from `out`, report.json first (so that from the first
+    removal on, the folder no longer loads as a finished run). Links are removed, not followed."""
+    for name in (REPORT,) + tuple(f for f in OWN_FILES if f != REPORT):
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            os.unlink(path)
+    remove_checkpoints(os.path.join(out, CHECKPOINT))
 
 
 @dataclasses.dataclass
@@ -100,91 +194,152 @@ class Run:
     events: List[dict]
 
 
-def _read_plan(run_dir: str):
+def _json_file(path: str) -> Any:
+    try:
+        return json.loads(read_limited(path, MAX_JSON_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"{path}: missing") from None
+    except (OSError, FileRefused, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise RunFolderError(f"{path}: unreadable ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
+
+
+def _report_json(run_dir: str) -> dict:
+    path = os.path.join(run_dir, REPORT)
+    report = _json_file(path)
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        got = report.get("format") if isinstance(report, dict) else type(report).__name__
+        raise RunFolderError(f"{path}: expected format {REPORT_FORMAT!r}, got {got!r}")
+    return report
+
+
+def _check_hashes(run_dir: str, report: dict) -> None:
+    files = report.get("files")
+    if not isinstance(files, dict) or set(files) != set(HASHED):
+        raise RunFolderError(f"{os.path.join(run_dir, REPORT)}: expected the sha256 of {', '.join(HASHED)}")
+    for f in HASHED:
+        path = os.path.join(run_dir, f)
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise RunFolderError(f"{path}: missing or not a regular file")
+        if sha256_file(path) != files[f]:
+            raise RunFolderError(f"{path}: sha256 differs from report.json (tampered or corrupt)")
+
+
+def _read_plan(run_dir: str) -> Plan:
     path = os.path.join(run_dir, PLAN)
     try:
-        from planc import load_plan
         return load_plan(path)
     except PlancError as err:
         raise RunFolderError(f"{path}: not a valid plan ({str(err).splitlines()[0]})") from None
 
 
-def read(run_dir: str, model: Optional[torch.nn.Module] = None) -> Run:
-    """Read a run folder; `model` replaces the plan's factory (for plans without one)."""
-    from planc.train import call_factory
+def _events(run_dir: str) -> List[dict]:
+    path = os.path.join(run_dir, EVENTS)
+    try:
+        text = read_limited(path, MAX_JSON_BYTES).decode("utf-8")
+    except (OSError, FileRefused, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path}: unreadable ({type(err).__name__})") from None
+    events = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                event = json.loads(line)
+            except (ValueError, RecursionError):
+                raise RunFolderError(f"{path}:{i}: not JSON") from None
+            if not isinstance(event, dict):
+                raise RunFolderError(f"{path}:{i}: expected a JSON object")
+            events.append(event)
+    return events
 
+
+def _build_model(run_dir: str, plan: Plan, model: Optional[torch.nn.Module], trust_factory: bool) -> torch.nn.Module:
+    if model is not None:
+        return model
+    spec = plan.model.factory
+    if spec is None:
+        raise RunFolderError(f"{run_dir}: the plan has no model.factory; pass model= (the architecture to load into)")
+    if not trust_factory:
+        raise RunFolderError(f"{run_dir}: rebuilding the model means running the plan's factory {spec.path!r}; "
+                             "pass model= (the architecture), or trust_factory=True if you trust this folder's plan")
+    torch.manual_seed(0)   # the values are overwritten; seeding keeps construction quiet and repeatable
+    return call_factory(plan, "model.factory")
+
+
+def _load_weights(run_dir: str, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    path = os.path.join(run_dir, MODEL)
+    weights, _ = load_tensors(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise RunFolderError(f"{path}: names differ from the model's: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in expected.items():
+        if tuple(weights[k].shape) != tuple(v.shape) or weights[k].dtype != v.dtype:
+            raise RunFolderError(f"{path}: {k}: expected {v.dtype} {tuple(v.shape)}, "
+                                 f"got {weights[k].dtype} {tuple(weights[k].shape)}")
+    model.load_state_dict(weights, strict=True)
+    return weights
+
+
+def _pair(value: Any) -> Optional[Tuple[int, int]]:
+    ok = (isinstance(value, list) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+    return tuple(value) if ok else None
+
+
+def _layer_view(path: str, name: str, info: Any) -> BlockView:
+    """The block view a masks.safetensors layer record describes, checked field by field."""
+    if not isinstance(info, dict):
+        raise RunFolderError(f"{path}: layer {name!r}: expected a record, got {type(info).__name__}")
+    shape, block = _pair(info.get("weight_shape")), _pair(info.get("block"))
+    if shape is None or block is None:
+        raise RunFolderError(f"{path}: layer {name!r}: expected weight_shape and block as two positive integers each")
+    if info.get("param") is not None and not isinstance(info.get("param"), str):
+        raise RunFolderError(f"{path}: layer {name!r}: expected param as a name")
+    return BlockView(shape, block)
+
+
+def _check_masks(run_dir: str, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    path = os.path.join(run_dir, MASKS)
+    mask_tensors, meta = load_tensors(path)
+    layers = meta.get("layers") if isinstance(meta, dict) else None
+    if not isinstance(layers, dict):
+        raise RunFolderError(f"{path}: no layer metadata")
+    alive: Dict[str, torch.Tensor] = {}
+    for name, info in layers.items():
+        view = _layer_view(path, name, info)
+        grid = mask_tensors.get(f"{name}.alive")
+        if grid is None or tuple(grid.shape) != view.grid or grid.dtype != torch.bool:
+            raise RunFolderError(f"{path}: {name}.alive: expected a bool grid {view.grid}")
+        key = info.get("param")
+        if key is not None:
+            w = weights.get(key)
+            if w is None or tuple(w.shape) != view.weight_shape:
+                raise RunFolderError(f"{path}: {name}: no weight {key!r} of shape {view.weight_shape} in the model")
+            if bool(view.expand(~grid).logical_and(w != 0).any()):
+                raise RunFolderError(f"{os.path.join(run_dir, MODEL)}: {key}: pruned blocks are not zero")
+        alive[name] = grid
+    return alive
+
+
+def read(run_dir: str, model: Optional[torch.nn.Module] = None, *, trust_factory: bool = False) -> Run:
+    """Read a run folder. The model's architecture comes from `model`, or, only with
+    `trust_factory=True`, from calling the plan's factory (code named by the folder)."""
     if not os.path.isdir(run_dir):
         raise RunFolderError(f"{run_dir}: no such run folder")
     for f in FILES:
         if not os.path.isfile(os.path.join(run_dir, f)):
             raise RunFolderError(f"{os.path.join(run_dir, f)}: missing")
-    try:
-        with open(os.path.join(run_dir, REPORT), encoding="utf-8") as fh:
-            report = json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
-        raise RunFolderError(f"{os.path.join(run_dir, REPORT)}: unreadable ({err})") from None
-    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
-        raise RunFolderError(f"{os.path.join(run_dir, REPORT)}: expected format {REPORT_FORMAT!r}")
-    for f, digest in (report.get("files") or {}).items():
-        if f not in (MODEL, MASKS):
-            continue
-        if sha256_file(os.path.join(run_dir, f)) != digest:
-            raise RunFolderError(f"{os.path.join(run_dir, f)}: sha256 differs from report.json (tampered or corrupt)")
-    if set((report.get("files") or {})) != {MODEL, MASKS}:
-        raise RunFolderError(f"{os.path.join(run_dir, REPORT)}: expected hashes of {MODEL} and {MASKS}")
-
+    report = _report_json(run_dir)
+    _check_hashes(run_dir, report)            # before any other file is parsed
     plan = _read_plan(run_dir)
-    if model is None:
-        spec = plan.model.factory
-        if spec is None:
-            raise RunFolderError(f"{run_dir}: the plan has no model.factory; pass the model to rebuild")
-        torch.manual_seed(0)   # the values are overwritten; seeding keeps construction quiet and repeatable
-        model = call_factory(plan, "model.factory")
-
-    weights, _ = load_tensors(os.path.join(run_dir, MODEL))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise RunFolderError(f"{os.path.join(run_dir, MODEL)}: names differ from the model's: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in expected.items():
-        if tuple(weights[k].shape) != tuple(v.shape) or weights[k].dtype != v.dtype:
-            raise RunFolderError(f"{os.path.join(run_dir, MODEL)}: {k}: expected {v.dtype} {tuple(v.shape)}, "
-                                 f"got {weights[k].dtype} {tuple(weights[k].shape)}")
-    model.load_state_dict(weights, strict=True)
-
-    mask_tensors, meta = load_tensors(os.path.join(run_dir, MASKS))
-    layers = (meta or {}).get("layers")
-    if not isinstance(layers, dict):
-        raise RunFolderError(f"{os.path.join(run_dir, MASKS)}: no layer metadata")
-    alive: Dict[str, torch.Tensor] = {}
-    for name, info in layers.items():
-        grid = mask_tensors.get(f"{name}.alive")
-        view = BlockView(tuple(info["weight_shape"]), tuple(info["block"]))
-        if grid is None or tuple(grid.shape) != view.grid or grid.dtype != torch.bool:
-            raise RunFolderError(f"{os.path.join(run_dir, MASKS)}: {name}.alive: expected a bool grid {view.grid}")
-        key = info.get("param")
-        if key is not None:
-            w = weights.get(key)
-            if w is None or tuple(w.shape) != view.weight_shape:
-                raise RunFolderError(f"{os.path.join(run_dir, MASKS)}: {name}: no weight {key!r} of shape "
-                                     f"{view.weight_shape} in the model")
-            if bool(view.expand(~grid).logical_and(w != 0).any()):
-                raise RunFolderError(f"{os.path.join(run_dir, MODEL)}: {key}: pruned blocks are not zero")
-        alive[name] = grid
-    events = []
-    with open(os.path.join(run_dir, EVENTS), encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise RunFolderError(f"{os.path.join(run_dir, EVENTS)}:{i}: not JSON") from None
+    model = _build_model(run_dir, plan, model, trust_factory)
+    weights = _load_weights(run_dir, model)
+    alive = _check_masks(run_dir, weights)
+    events = _events(run_dir)
     model.eval()
     return Run(model=model, plan=plan, report=report, masks=alive, events=events)
 
 
-def load(run_dir: str, model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
-    """The baked model of a run folder (eval mode), rebuilt without pickle."""
-    return read(run_dir, model).model
+def load(run_dir: str, model: Optional[torch.nn.Module] = None, *, trust_factory: bool = False) -> torch.nn.Module:
+    """The baked model of a run folder (eval mode), rebuilt without pickle; see `read`."""
+    return read(run_dir, model, trust_factory=trust_factory).model

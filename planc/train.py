@@ -11,63 +11,34 @@ where the interrupted one stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
 import math
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from planc.checkpoint import checkpoint_paths, load_state_or_previous, remove_checkpoints, save_state_keep_previous
-from planc.errors import FactoryError, PlancError, PlanError, Problem, RunFolderError
-from planc.plan.types import Factory, Plan, Schedule
+from planc import distributed, runfolder
+from planc.checkpoint import remove_checkpoints, save_state_keep_previous
+from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
+from planc.lowering import lower_and_measure
+from planc.plan.factory import call_factory, describe_value
+from planc.plan.types import Plan, Schedule
+from planc.pruned import compile as planc_compile
+from planc.pruned import example_inputs_for
 from planc.runtime import Runtime
+from planc.safeio import create_empty
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = runfolder.CHECKPOINT
 CKPT_FORMAT = "planc.checkpoint/1"
 
 
 # ---- building things from the plan --------------------------------------------------
-def call_factory(plan: Plan, where: str = "model.factory", factory: Optional[Factory] = None):
-    """Import the plan's `module:callable` at `where` ("model.factory" or "train.data";
-    the callable may be dotted) and call it with its kwargs. `factory` replaces the
-    plan's own. A name that does not import is a PlanError at the key's line (the plan
-    is wrong); code that raises is a FactoryError (the user's code failed)."""
-    if factory is None:
-        factory = plan.model.factory if where == "model.factory" else plan.train.data
-    if factory is None:
-        raise PlanError([plan.problem(where, f"expected {where} in the plan, to build the model and data from")])
-    module_name, sep, attr = factory.path.partition(":")
-    if not sep or not module_name or not attr:
-        raise PlanError([plan.problem(where, f"expected 'module:callable', got {factory.path!r}")])
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as err:
-        raise PlanError([plan.problem(where, f"cannot import {factory.path!r}: {err}")]) from None
-    except Exception as err:          # the module itself raised while importing
-        raise FactoryError(f"{plan.problem(where, f'importing {factory.path!r} raised {_describe(err)}')}") from err
-    if not callable(obj):
-        raise PlanError([plan.problem(where, f"{factory.path!r} is not callable")])
-    try:
-        return obj(**factory.kwargs_dict())
-    except Exception as err:
-        raise FactoryError(f"{plan.problem(where, f'{factory.path!r} raised {_describe(err)}')}") from err
-
-
-def _describe(err: BaseException) -> str:
-    first = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
 def make_optimizer(plan: Plan, runtime: Runtime) -> torch.optim.Optimizer:
     o = plan.train.optimizer
     if o.name == "sgd":
@@ -120,11 +91,6 @@ def scale_schedule(plan: Plan, steps: int) -> Plan:
                        for i, p in enumerate(plan.schedule.phases))
     return dataclasses.replace(plan, train=dataclasses.replace(plan.train, steps=steps),
                                schedule=Schedule(phases=phases, preset=plan.schedule.preset))
-
-
-def plan_fingerprint(plan: Plan) -> str:
-    bare = dataclasses.replace(plan, source=None, output=None)
-    return hashlib.sha256(repr(bare).encode()).hexdigest()
 
 
 # ---- the data position --------------------------------------------------------------
@@ -198,6 +164,9 @@ def _split_batch(batch):
 
 
 def compute_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise PlancError(f"the model returned {describe_value(out)}; the built-in trainer needs a tensor of predictions "
+                         "(wrap the model so its forward returns the logits, or train it in your own loop)")
     if kind == "cross_entropy":
         return F.cross_entropy(out, y)
     if kind == "mse":
@@ -237,6 +206,7 @@ class TrainResult:
     history: List[dict] = field(default_factory=list)
     finished: bool = True
     main: bool = True             # rank 0 (or the only process): the one that wrote files
+    already_finished: bool = False  # resume found this plan's finished run: nothing was trained
 
 
 def _progress(total: int, initial: int, enabled: Optional[bool]):
@@ -273,53 +243,98 @@ def _set_rng_state(st: dict) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
 
 
-def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, stop_after: Optional[int] = None,
-          progress: Optional[bool] = None, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-          ) -> TrainResult:
+@dataclass
+class _Session:
+    """What a run writes to and resumes from (planc.runfolder.prepare_output decided)."""
+
+    out: Optional[str]
+    writes: bool                       # this process writes files (rank 0 with an output folder)
+    output: Any                        # runfolder.Output, or None without an output folder
+
+    @property
+    def checkpoint_path(self) -> Optional[str]:
+        return os.path.join(self.out, CHECKPOINT) if self.out is not None else None
+
+    @property
+    def events_path(self) -> Optional[str]:
+        return os.path.join(self.out, runfolder.EVENTS) if self.writes else None
+
+
+def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, overwrite: bool = False,
+          stop_after: Optional[int] = None, progress: Optional[bool] = None,
+          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainResult:
     """Run the plan end to end. `out`: the run folder (None: no files written). `resume`:
-    continue from `out`/checkpoint.safetensors if there is one. `stop_after`: stop after
-    that many steps without finishing (what an interruption looks like; for tests).
+    continue the unfinished run of this plan in `out` (a finished one is returned as it
+    is). `overwrite`: replace the planc run in `out` whatever it holds; without it a folder
+    holding anything else is refused (OutputFolderError, nothing touched; see
+    runfolder.prepare_output). `stop_after`: stop after that many steps without finishing
+    (what an interruption looks like; for tests).
 
     Under torchrun (planc.distributed.join_from_environment) every rank runs this with
     the same plan: each trains DDP on its slice of every global batch, so the run is the
     single-process run up to float summation order; rank 0 alone writes and logs."""
-    from planc import distributed
-
     ranks = distributed.join_from_environment()
     try:
-        return _train(plan, out, ranks, resume=resume, stop_after=stop_after, progress=progress,
-                      log=log if ranks.main else (lambda s: None))
+        return _train(plan, out, ranks, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                      progress=progress, log=log if ranks.main else (lambda s: None))
     finally:
         ranks.finish()
 
 
-def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, stop_after: Optional[int],
-           progress: Optional[bool], log: Callable[[str], None]) -> TrainResult:
-    from planc import compile as planc_compile
-    from planc import runfolder
+def _open_output(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bool,
+                 log: Callable[[str], None]) -> _Session:
+    """Every rank reads the folder and takes the same decision before rank 0 changes it."""
+    if out is None:
+        return _Session(None, False, None)
+    output = runfolder.prepare_output(out, plan, resume=resume, overwrite=overwrite, log=log)
+    ranks.barrier()
+    if ranks.main and output.action == "fresh":
+        if output.replace:
+            runfolder.clear_run(out)           # report.json first: a failed run never loads
+        os.makedirs(out, exist_ok=True)
+        create_empty(os.path.join(out, runfolder.EVENTS))      # a fresh run starts a fresh log
+    return _Session(out, ranks.main, output)
 
+
+def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Batches") -> Tuple[List[dict], dict]:
+    """Load a checkpoint's state into the run; (history, timings). A state that does not
+    fit this run is a RunFolderError naming the file."""
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise RunFolderError(f"{used}: not a planc checkpoint")
+    try:
+        pruned.module.load_state_dict(state["model"])
+        runtime.load_state_dict(state["runtime"])
+        opt.load_state_dict(state["optimizer"])
+        batches.restore(state["loader"])
+        _set_rng_state(state["rng"])
+        return list(state["history"]), dict(state["timings"])
+    except RuntimeStateError as err:
+        raise RunFolderError(f"{used}: {err}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise RunFolderError(f"{used}: its state does not fit this run ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:160]})") from None
+
+
+def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bool, stop_after: Optional[int],
+           progress: Optional[bool], log: Callable[[str], None]) -> TrainResult:
     t_start = time.perf_counter()
     if plan.model.factory is None:
         raise PlanError([plan.problem("model.factory", "the built-in trainer needs model.factory")])
     if plan.train.data is None:
         raise PlanError([plan.problem("train.data", "the built-in trainer needs train.data")])
     total = plan.train.steps
-    if out is not None:
-        os.makedirs(out, exist_ok=True)
-    ckpt_path = os.path.join(out, CHECKPOINT) if out is not None else None
-    writes = out is not None and ranks.main
-    events_path = os.path.join(out, runfolder.EVENTS) if writes else None
+    session = _open_output(plan, out, ranks, resume=resume, overwrite=overwrite, log=log)
+    if session.output is not None and session.output.action == "finished":
+        log(f"planc: {out} already holds this plan's finished run; nothing to do")
+        return TrainResult(out, None, None, session.output.report, finished=True, main=ranks.main,
+                           already_finished=True)
+    ckpt_path, writes = session.checkpoint_path, session.writes
 
     _seed_all(plan.train.seed)
     model = call_factory(plan, "model.factory")
-    loaders = call_factory(plan, "train.data")
-    if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
-        raise PlanError([plan.problem("train.data", "expected the data factory to return (train_loader, eval_loader)")])
-    train_loader, eval_loader = loaders
+    train_loader, eval_loader = call_factory(plan, "train.data")
     pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
-    if events_path and not (resume and checkpoint_paths(ckpt_path)):
-        open(events_path, "w").close()           # a fresh run starts a fresh log
-    runtime = Runtime(pruned, events_path=events_path)
+    runtime = Runtime(pruned, events_path=session.events_path)
     pruned.runtime = runtime                     # Pruned's delegations use this runtime
     opt = make_optimizer(plan, runtime)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -328,29 +343,15 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, stop_after: O
     history: List[dict] = []
     timings = {"train_s": 0.0, "eval_s": 0.0}
 
-    if resume and ckpt_path and checkpoint_paths(ckpt_path):
-        # a truncated or corrupt latest checkpoint is named and the previous one is used
-        state, used = load_state_or_previous(ckpt_path, log=log)
-        if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-            raise RunFolderError(f"{used}: not a planc checkpoint")
-        if state.get("plan") != plan_fingerprint(plan):
-            raise RunFolderError(f"{used}: written by a different plan; remove it or run without --resume")
-        pruned.module.load_state_dict(state["model"])
-        runtime.load_state_dict(state["runtime"])
-        opt.load_state_dict(state["optimizer"])
-        batches.restore(state["loader"])
-        _set_rng_state(state["rng"])
-        history = list(state["history"])
-        timings = dict(state["timings"])
+    if session.output is not None and session.output.action == "resume":
+        history, timings = _restore(session.output.state, session.output.state_file, pruned, runtime, opt, batches)
         log(f"planc: resumed {out} at step {runtime.t}")
-    elif resume:
-        log(f"planc: no checkpoint in {out}; starting from step 0")
 
     def checkpoint() -> None:
         if not writes:
             return
         save_state_keep_previous(ckpt_path, {
-            "format": CKPT_FORMAT, "plan": plan_fingerprint(plan), "step": runtime.t,
+            "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(plan), "step": runtime.t,
             "model": pruned.module.state_dict(), "optimizer": opt.state_dict(),
             "runtime": runtime.state_dict(), "loader": batches.state(), "rng": _rng_state(),
             "history": history, "timings": timings,
@@ -423,9 +424,6 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, stop_after: O
     if ranks.world > 1:
         report["ranks"] = ranks.world
     if plan.lower.backend != "dense" and ranks.main:
-        from planc.lowering import lower_and_measure
-        from planc.pruned import example_inputs_for
-
         report["lowering"] = lower_and_measure(baked, plan, example_inputs_for(plan.model))
     if writes:
         runfolder.write(out, plan, pruned, baked, report, runtime.events)

@@ -86,14 +86,14 @@ def rehash(run) -> None:
 
 def one_line_error(run, exc=RunFolderError, **kw) -> str:
     with pytest.raises(exc) as info:
-        planc.load(str(run), **kw)
+        planc.load(str(run), **{"trust_factory": True, **kw})
     msg = str(info.value)
     assert "\n" not in msg.strip()
     return msg
 
 
 def test_intact_run_folder_loads_without_unpickling(run, no_unpickling):
-    model = planc.load(str(run))
+    model = planc.load(str(run), trust_factory=True)
     assert not model.training
     assert model(torch.randn(3, 64)).shape == (3, 10)
 
@@ -216,24 +216,31 @@ def test_missing_file_is_named(run, missing):
     assert missing in one_line_error(run)
 
 
-def test_the_plan_factory_is_the_only_code_and_passing_the_model_skips_it(run, tmp_path):
-    """A run folder's plan names code by design (model.factory, imported and called by
-    planc.load); a user who does not trust the folder passes the model instead, and then
-    no code the folder names runs."""
-    marker = tmp_path / "factory-ran"
-    text = (run / "plan.yaml").read_text()
-    import yaml
-
-    doc = yaml.safe_load(text)
-    doc["model"]["factory"] = "pathlib:Path.touch"          # a stand-in for code an attacker names
-    doc["model"]["kwargs"] = {"self": str(marker)}
-    (run / "plan.yaml").write_text(yaml.safe_dump(doc))
+def test_loading_a_run_folder_runs_none_of_its_code(run, tmp_path):
+    """A run folder's plan names code (model.factory). Loading never imports or calls it
+    unless asked (trust_factory=True); passing the model runs none; an edited plan.yaml
+    fails its hash; a re-hashed one naming the standard library is refused."""
     from planc.examples.digits import mlp
+
+    model = planc.load(str(run), model=mlp(hidden=32))
+    assert model(torch.randn(2, 64)).shape == (2, 10)
+    marker = tmp_path / "factory-ran"
+    import yaml
 
     from planc.runfolder import load
 
-    model = load(str(run), model=mlp(hidden=32))
-    assert model(torch.randn(2, 64)).shape == (2, 10)
+    msg = one_line_error(run, trust_factory=False)          # the folder's own plan: not called unasked
+    assert "trust_factory=True" in msg and "model=" in msg and "planc.examples.digits:mlp" in msg
+    doc = yaml.safe_load((run / "plan.yaml").read_text())
+    doc["model"]["factory"] = "pathlib:Path.touch"          # a stand-in for code an attacker names
+    doc["model"]["kwargs"] = {"self": str(marker)}
+    (run / "plan.yaml").write_text(yaml.safe_dump(doc))
+    assert "plan.yaml: sha256 differs" in one_line_error(run)
+    rehash(run)
+    msg = one_line_error(run)                                 # trusted, and still refused
+    assert "plan.yaml" in msg and "'pathlib' is part of the Python standard library" in msg
+    with pytest.raises(RunFolderError, match="standard library"):
+        load(str(run), model=mlp(hidden=32))                  # the plan itself is invalid now
     assert not marker.exists()
 
 

@@ -54,7 +54,7 @@ def test_run_folder_is_complete_and_loads_back_with_the_same_outputs(finished):
     assert events == result.pruned.runtime.events
     assert {e["event"] for e in events} == {"phase", "prune", "eval"}
 
-    model = planc.load(out)
+    model = planc.load(out, trust_factory=True)
     assert not model.training
     x = torch.randn(16, 64)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_run_folder_is_complete_and_loads_back_with_the_same_outputs(finished):
         assert torch.allclose(model(x), ref, atol=1e-6)
         masked = result.pruned.module.eval()(x)
         assert torch.allclose(model(x), masked, atol=1e-5)
-    run = read(out)
+    run = read(out, trust_factory=True)
     assert run.plan == tiny_plan()
     for name, alive in run.masks.items():
         assert torch.equal(alive, result.pruned.masks[name].alive)
@@ -79,17 +79,17 @@ def test_tampered_or_missing_files_are_rejected(finished, tmp_path):
     from planc.checkpoint import save_tensors
     save_tensors(os.path.join(bad, "model.safetensors"), weights, meta)
     with pytest.raises(RunFolderError, match="sha256"):
-        planc.load(bad)
+        planc.load(bad, trust_factory=True)
     # fix the hash: the zero check still catches weights in pruned blocks
     from planc.checkpoint import sha256_file
     report = json.load(open(os.path.join(bad, "report.json")))
     report["files"]["model.safetensors"] = sha256_file(os.path.join(bad, "model.safetensors"))
     json.dump(report, open(os.path.join(bad, "report.json"), "w"))
     with pytest.raises(RunFolderError, match="not zero"):
-        planc.load(bad)
+        planc.load(bad, trust_factory=True)
     os.remove(os.path.join(bad, "masks.safetensors"))
     with pytest.raises(RunFolderError, match="missing"):
-        planc.load(bad)
+        planc.load(bad, trust_factory=True)
     with pytest.raises(RunFolderError, match="no such run folder"):
         planc.load(str(tmp_path / "nowhere"))
 
@@ -113,7 +113,7 @@ def test_resume_from_a_checkpoint_is_bitwise_equal(finished, tmp_path):
     rb = json.load(open(os.path.join(part_out, "report.json")))
     assert ra["metrics"] == rb["metrics"]
     # a checkpoint from another plan is refused
-    train(plan, part_out, progress=False, stop_after=7)
+    train(plan, part_out, progress=False, stop_after=7, overwrite=True)
     with pytest.raises(RunFolderError, match="different plan"):
         train(tiny_plan(checkpoint_every=7, seed=3), part_out, resume=True, progress=False)
 
@@ -126,7 +126,7 @@ def test_cli_apply_writes_a_run_folder_and_maps_errors(tmp_path, capsys):
     assert main(["apply", str(plan_path), "--out", out, "--steps", "20"]) == 0
     assert set(FILES) <= set(os.listdir(out)) and CHECKPOINT not in os.listdir(out)
     assert "20 steps" in capsys.readouterr().out
-    assert planc.load(out) is not None
+    assert planc.load(out, trust_factory=True) is not None
     bad = tmp_path / "bad.yaml"
     bad.write_text(plan_path.read_text().replace("planc.examples.digits:mlp", "planc.examples.digits:nothing"))
     assert main(["apply", str(bad), "--out", str(tmp_path / "x")]) == 2

@@ -33,10 +33,17 @@ from planc.errors import PlanError, Problem
 from planc.plan import presets
 from planc.plan.positions import PathT, Positions, decode, parse
 from planc.plan.schema import describe, non_finite, schema_problems, suggest
+from planc.plan.trust import refused_path
+from planc.safeio import KIB, read_limited
 from planc.plan.types import (
     Factory, Lower, Match, Method, ModelSpec, Optimizer, Phase, Plan, Rule, Schedule,
     TargetSettings, Targets, Train, _freeze,
 )
+
+# A plan is a few kilobytes; the limit bounds the time and memory a hostile file can take
+# (256 KiB of YAML rules parse and validate in about a second on 2 cores; a file over it
+# is refused before it is read). docs/plan-format.md states the limit.
+MAX_PLAN_BYTES = 256 * KIB
 
 Source = Union[str, os.PathLike, bytes, Mapping[str, Any], Plan]
 
@@ -76,14 +83,17 @@ def read(source: Source, *, file: Optional[str] = None) -> Tuple[Any, Positions,
         path = Path(source)
         label = file or str(source)
         try:
-            raw = path.read_bytes()
-        except (OSError, ValueError) as err:     # ValueError: a NUL byte in the path
+            raw = read_limited(str(path), MAX_PLAN_BYTES)
+        except (OSError, ValueError) as err:     # ValueError: a NUL byte in the path; FileRefused
             return None, Positions(file=label), [Problem(f"cannot read plan: {getattr(err, 'strerror', None) or err}", "", label)], str(path)
         text, problems = decode(raw, label)
         if problems:
             return None, Positions(file=label), problems, str(path)
         return (*parse(text, label), str(path))
     label = file or "<plan>"
+    if isinstance(source, (str, bytes, bytearray)) and len(source) > MAX_PLAN_BYTES:
+        return None, Positions(file=label), [Problem(f"cannot read plan: {len(source)} characters, over the "
+                                                     f"{MAX_PLAN_BYTES // KIB} KiB limit", "", label)], None
     if isinstance(source, (bytes, bytearray)):
         text, problems = decode(bytes(source), label)
         if problems:
@@ -260,6 +270,12 @@ def semantic_problems(data: dict, pos: Positions) -> List[Problem]:
         add(("model", "kwargs"), "kwargs without a factory: add model.factory", key=True)
     if "factory" in model and "example_inputs" not in model:
         add(("model",), "model.factory needs model.example_inputs (the input shapes used to trace)")
+    for where in (("model", "factory"), ("train", "data", "factory")):
+        path = _get(data, *where, kind=str)
+        why = refused_path(path) if path else None
+        if why:
+            add(where, f"refused {path!r}: {why}; a plan may name only your own code or a library's "
+                "(explain and apply import and call it)")
     opt = _get(data, "train", "optimizer", kind=dict) or {}
     opt_name = opt.get("name", Optimizer().name)
     if opt_name == "sgd" and "betas" in opt:

@@ -30,8 +30,8 @@ behind a zero in the mask.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import os
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -43,8 +43,14 @@ from planc.mask import BlockMask
 from planc.plan.types import Phase
 from planc.runtime import schedule as sched
 from planc.runtime.methods import make_method, select_prune
+from planc.safeio import append_text, atomic_write_text
 
-STATE_FORMAT = "planc.runtime/1"
+STATE_FORMAT = "planc.runtime/2"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _target_sparsities(pruned) -> Dict[str, float]:
@@ -143,8 +149,7 @@ class Runtime:
         ev = json.loads(json.dumps(dict(event)))   # plain data only, and a copy
         self.events.append(ev)
         if self.events_path:
-            with open(self.events_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(ev, sort_keys=True) + "\n")
+            append_text(self.events_path, json.dumps(ev, sort_keys=True) + "\n")   # never through a link
 
     def sparsity(self) -> Dict[str, float]:
         """Per-layer block sparsity now."""
@@ -200,7 +205,40 @@ class Runtime:
                 for name, m in self.masks.items()
             },
             "events": copy.deepcopy(self.events),
+            "plan": self.plan_identity(),
         }
+
+    def plan_identity(self) -> dict:
+        """What a state is only valid for (plain data): the method and its settings, the
+        phase schedule, and each masked layer's weight shape, block and target sparsity.
+        load_state_dict refuses a state whose identity differs: resuming another plan's
+        state would silently finish at that plan's sparsity."""
+        return json.loads(json.dumps({
+            "method": dataclasses.asdict(self.plan.method),
+            "phases": [dataclasses.asdict(p) for p in self.phases],
+            "layers": {name: {"weight_shape": list(m.view.weight_shape), "block": list(m.view.block),
+                              "sparsity": self.targets[name]}
+                       for name, m in sorted(self.masks.items())},
+        }))
+
+    def _check_identity(self, got: Any) -> None:
+        mine = self.plan_identity()
+        if got == mine:
+            return
+        if not isinstance(got, Mapping):
+            raise RuntimeStateError("the runtime state carries no plan identity (written by an older planc, "
+                                    "or corrupt); it cannot be checked against this plan")
+        for key, what in (("method", "method settings"), ("phases", "phase schedule")):
+            if got.get(key) != mine[key]:
+                raise RuntimeStateError(f"the runtime state was written by a different plan: its {what} differ "
+                                        f"(state {_short(got.get(key))}, plan {_short(mine[key])})")
+        theirs = got.get("layers") if isinstance(got.get("layers"), Mapping) else {}
+        for name, entry in mine["layers"].items():
+            if theirs.get(name) != entry:
+                raise RuntimeStateError(f"the runtime state was written by a different plan: layer {name!r} "
+                                        f"is {_short(theirs.get(name))} there, {_short(entry)} here")
+        raise RuntimeStateError(f"the runtime state was written by a different plan: its layers are "
+                                f"{_short(sorted(theirs))}, this plan's {_short(sorted(mine['layers']))}")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state_dict(). Every field is set absolutely (nothing depends on an
@@ -216,7 +254,10 @@ class Runtime:
             raise RuntimeStateError(f"expected a non-negative integer step, got {step!r}")
         if not isinstance(phase, int) or not -1 <= phase < len(self.phases):
             raise RuntimeStateError(f"expected a phase index in [-1, {len(self.phases)}), got {phase!r}")
-        layers = state.get("layers") or {}
+        self._check_identity(state.get("plan"))
+        layers = state.get("layers")
+        if not isinstance(layers, Mapping) or not all(isinstance(e, Mapping) for e in layers.values()):
+            raise RuntimeStateError("expected the state's layers as a mapping of layer name to {alive, logits}")
         if set(layers) != set(self.masks):
             raise RuntimeStateError(
                 f"expected layers {sorted(self.masks)}, got {sorted(layers)}")
@@ -232,6 +273,9 @@ class Runtime:
             if logits is not None and tuple(logits.shape) != mask.view.grid:
                 raise RuntimeStateError(f"layer {name!r}: expected logits of shape {mask.view.grid}, "
                                         f"got {tuple(logits.shape)}")
+        events = state.get("events") or []
+        if not isinstance(events, list) or not all(isinstance(e, Mapping) for e in events):
+            raise RuntimeStateError("expected the state's events as a list of mappings")
         with torch.no_grad():
             for name, mask in self.masks.items():
                 entry = layers[name]
@@ -241,7 +285,7 @@ class Runtime:
         self.t = step
         self.phase_index = phase
         self.started = bool(state.get("started", True))
-        self.events = copy.deepcopy(list(state.get("events") or []))
+        self.events = copy.deepcopy(list(events))
         self._enforce_zeros()
         if self.events_path:
             self._rewrite_log()
@@ -365,8 +409,4 @@ class Runtime:
         return {n: round(s, 6) for n, s in self.sparsity().items()}
 
     def _rewrite_log(self) -> None:
-        tmp = f"{self.events_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ev in self.events:
-                f.write(json.dumps(ev, sort_keys=True) + "\n")
-        os.replace(tmp, self.events_path)
+        atomic_write_text(self.events_path, "".join(json.dumps(ev, sort_keys=True) + "\n" for ev in self.events))
