@@ -347,3 +347,17 @@ def test_special_and_huge_plan_files_are_one_line_errors(tmp_path, kind):
 def test_plan_text_over_the_limit_is_refused_in_python():
     with pytest.raises(PlanError, match="over the 256 KiB limit"):
         planc.load_plan(tiny() + "#" * (300 << 10) + "\n")
+
+
+def test_the_hf_callback_refuses_to_resume_another_plans_state(tmp_path):
+    from types import SimpleNamespace
+
+    pytest.importorskip("transformers")
+    from planc.integrations.hf import STATE_FILE, PlancCallback
+
+    folder = tmp_path / "checkpoint-12"
+    folder.mkdir()
+    save_state(str(folder / STATE_FILE), _compiled(0.75).state_dict())
+    callback = PlancCallback(_compiled(0.25))
+    with pytest.raises(RuntimeStateError, match="different plan"):
+        callback._maybe_resume(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=12))

@@ -22,16 +22,27 @@ What is thrown (hypothesis draws every choice, so a run is reproducible from --s
   binary file, a bad plan, a valid plan). Commands that would do real work on a valid
   plan (apply, compare without --dry-run, bench) only get inputs that must be refused.
 
+- the trust model (docs/robustness.md): plans naming standard-library, builtin or
+  planc-internal callables (`os:system`, `subprocess:run`, `pathlib:Path.touch`, ...) with
+  kwargs that would create a marker file, through validate, explain and apply; special
+  and huge plan files (/dev/zero, /dev/urandom, a FIFO, up to 40 MiB, a directory); a
+  finished run folder with one file mutated (bytes, or its JSON tree) and often
+  re-hashed, loaded with `planc.load(DIR, model=...)`; checkpoint headers with bit flips;
+  another plan's runtime state loaded into a runtime.
+
 Findings (each is a bug): an exception escaping `main` (anything but its return), an exit
 status outside {0, 1, 2}, 'Traceback' in the output, `planc: internal error` (a non-planc
 exception that only main's last-resort handler caught), a non-PlanError from
-`planc.load_plan`, or a case running past --timeout seconds (a hang). Reproducers (argv
+`planc.load_plan`, a case running past --timeout seconds (a hang), code a plan named
+running, a refused input that was accepted, or a run-folder, checkpoint or state
+mutation that gave anything but its one planc error (or an unchanged result). Reproducers (argv
 and the plan bytes) are written next to the summary.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import io
 import json
@@ -275,6 +286,7 @@ class Fuzzer:
     outcomes: List[Outcome] = field(default_factory=list)
     corpus: Dict[str, bytes] = field(default_factory=dict)
     counter: int = 0
+    safety_cases: Counter = field(default_factory=Counter)     # trust-model cases by kind
 
     def __post_init__(self):
         self.corpus = self.corpus or corpus()
@@ -447,7 +459,7 @@ class Fuzzer:
         "validate": ["--format", "--json", "-q", "--quiet"],
         "explain": ["--graph", "--no-layers"],
         "schema": ["-o", "--output"],
-        "apply": ["--out", "--resume", "--steps", "--progress"],
+        "apply": ["--out", "--resume", "--overwrite", "--steps", "--progress"],
         "compare": ["--sweep", "--seeds", "--out", "--steps", "--jobs", "--threads", "--force", "--eval", "--bench",
                     "--title", "--dry-run"],
         "bench": ["--full", "--backend", "--dtype", "--repeats", "--out"],
@@ -522,24 +534,219 @@ class Fuzzer:
         return any(a in self.valid for a in argv)
 
 
+# ---- the trust model: code a plan names, special files, run folders, checkpoints, state --
+DANGEROUS_FACTORIES = ["os:system", "posix:system", "subprocess:run", "subprocess:Popen", "shutil:rmtree",
+                       "runpy:run_path", "builtins:exec", "builtins:eval", "builtins:open", "io:open",
+                       "pathlib:Path.touch", "importlib:import_module", "ctypes:CDLL", "pty:spawn",
+                       "planc.checkpoint:atomic_write_text", "planc.train:train", "planc.safeio:create_empty"]
+RUN_FILES = ("report.json", "masks.safetensors", "events.jsonl", "plan.yaml", "model.safetensors")
+
+
+class Safety:
+    """Cases for the trust model (docs/robustness.md). A finding: code ran (the marker file
+    appeared), a file outside the case's folder changed, an exception other than the
+    expected planc error, a wrong exit status, or a hang."""
+
+    def __init__(self, fz: "Fuzzer"):
+        self.fz = fz
+        self.root = os.path.join(fz.work, "safety")
+        os.makedirs(self.root, exist_ok=True)
+        self.marker = os.path.join(self.root, "code-ran")
+        self._base: Optional[dict] = None
+
+    def base(self) -> dict:
+        """A finished run folder, an interrupted run's checkpoint and their plan: made once."""
+        if self._base is None:
+            import planc
+            from planc.train import CHECKPOINT, train
+
+            plan = planc.load_plan(os.path.join(ROOT, "plans", "digits-tiny.yaml"))
+            plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, checkpoint_every=plan.train.steps // 2))
+            done, part = os.path.join(self.root, "done"), os.path.join(self.root, "part")
+            train(plan, done, progress=False, log=lambda s: None)
+            train(plan, part, progress=False, log=lambda s: None, stop_after=plan.train.steps - 1)
+            self._base = {"plan": plan, "done": done, "checkpoint": os.path.join(part, CHECKPOINT)}
+        return self._base
+
+    def guarded(self, what: str, fn, expected) -> None:
+        """Run fn() under the timeout; anything but success or `expected` is a finding."""
+        t0 = time.perf_counter()
+        problem = None
+        old = self.fz._alarm(self.fz.timeout)
+        try:
+            fn()
+        except expected:
+            pass
+        except CaseTimeout:
+            problem = f"hang: no result after {self.fz.timeout:g} s"
+        except BaseException as exc:  # noqa: BLE001 - that is the finding
+            problem = f"{type(exc).__name__} (expected {getattr(expected, '__name__', expected)}): " \
+                      f"{' '.join(str(exc).split())[:300]}"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        if os.path.exists(self.marker):
+            problem = f"code execution: {self.marker} was created"
+            os.remove(self.marker)
+        self.fz.outcomes.append(Outcome(kind="safety", argv=[], status=None, seconds=time.perf_counter() - t0,
+                                        problem=problem, source=f"trust: {what}"))
+
+    def case(self, rnd: random.Random) -> None:
+        kind = rnd.choice(["factory", "special", "run_folder", "checkpoint", "foreign_state"])
+        self.fz.safety_cases[kind] += 1
+        getattr(self, kind)(rnd)
+
+    def factory(self, rnd: random.Random) -> None:
+        import yaml
+
+        doc = yaml.safe_load(open(os.path.join(ROOT, "plans", "digits-tiny.yaml")))
+        where = rnd.choice([("model",), ("train", "data")])
+        section = doc[where[0]] if len(where) == 1 else doc[where[0]][where[1]]
+        name = rnd.choice(DANGEROUS_FACTORIES)
+        section["factory"] = name
+        section["kwargs"] = rnd.choice([{"command": f"touch {self.marker}"}, {"path": self.marker, "text": "x"},
+                                        {"self": self.marker}, {"args": ["touch", self.marker]}, {}])
+        path = self.fz._write(f"safety-factory-{self.fz.counter}.yaml", yaml.safe_dump(doc).encode())
+        self.fz.counter += 1
+        for argv in (["validate", path], ["explain", path],
+                     ["apply", path, "--out", os.path.join(self.root, f"o{self.fz.counter}"), "--progress", "off"]):
+            o = self.fz.call(argv, kind="plan", source=f"trust: factory {name} at {'.'.join(where)}", plan_file=path)
+            if o.problem is None and o.status != 2:
+                o.problem = f"a plan naming {name} was not refused (exit {o.status})"
+            if os.path.exists(self.marker):
+                o.problem = f"code execution: {name} ran"
+                os.remove(self.marker)
+
+    def special(self, rnd: random.Random) -> None:
+        kind = rnd.choice(["/dev/zero", "/dev/urandom", "fifo", "huge", "directory"])
+        path = kind
+        if kind == "fifo":
+            path = os.path.join(self.root, f"fifo-{self.fz.counter}.yaml")
+            os.mkfifo(path)
+        elif kind == "huge":
+            path = self.fz._write(f"huge-{self.fz.counter}.yaml", b"version: 1\n" + b"#" * (rnd.randint(1, 40) << 20))
+        elif kind == "directory":
+            path = self.fz.dir
+        self.fz.counter += 1
+        command = rnd.choice(["validate", "explain", "apply"])
+        o = self.fz.call([command, path], kind="plan", source=f"trust: special file {kind}")
+        if o.problem is None and o.status != 2:
+            o.problem = f"{kind} as a plan gave exit {o.status}, expected 2"
+        if kind == "huge":
+            os.remove(path)
+
+    def _copy(self) -> str:
+        dst = os.path.join(self.root, f"run-{self.fz.counter}")
+        self.fz.counter += 1
+        shutil.copytree(self.base()["done"], dst)
+        return dst
+
+    def run_folder(self, rnd: random.Random) -> None:
+        import planc
+        from planc.checkpoint import load_tensors, save_tensors, sha256_file
+        from planc.errors import RunFolderError
+        from planc.examples.digits import mlp
+
+        run = self._copy()
+        name = rnd.choice(RUN_FILES)
+        path = os.path.join(run, name)
+        how = rnd.choice(["bytes", "tree"])
+        if how == "tree" and name in ("report.json", "masks.safetensors"):
+            if name == "report.json":
+                doc = json.load(open(path))
+                open(path, "w").write(json.dumps(mutate_tree(rnd, doc, rnd.randint(1, 4)), default=str))
+            else:
+                tensors, meta = load_tensors(path)
+                save_tensors(path, tensors, mutate_tree(rnd, meta, rnd.randint(1, 4)))
+        else:
+            data = open(path, "rb").read()
+            open(path, "wb").write(mutate_bytes(rnd, data, rnd.randint(1, 5)))
+        if rnd.random() < 0.6 and name != "report.json":     # an attacker re-hashes the tampered file
+            try:
+                report = json.load(open(os.path.join(run, "report.json")))
+                report["files"] = {f: sha256_file(os.path.join(run, f)) for f in report["files"]}
+                open(os.path.join(run, "report.json"), "w").write(json.dumps(report))
+            except Exception:
+                pass
+        model = mlp(**dict(self.base()["plan"].model.factory.kwargs_dict()))
+        self.guarded(f"run folder: {name} mutated ({how})", lambda: planc.load(run, model=model), RunFolderError)
+        shutil.rmtree(run, ignore_errors=True)
+
+    def checkpoint(self, rnd: random.Random) -> None:
+        from planc.checkpoint import load_state
+        from planc.errors import RunFolderError
+
+        src = self.base()["checkpoint"]
+        raw = open(src, "rb").read()
+        reference = load_state(src)
+        header = int.from_bytes(raw[:8], "little")
+        data = bytearray(raw)
+        flips = rnd.randint(1, 3)
+        for _ in range(flips):
+            i = 8 + rnd.randrange(header)
+            data[i] ^= 1 << rnd.randrange(8)
+        path = os.path.join(self.root, f"ckpt-{self.fz.counter}.safetensors")
+        self.fz.counter += 1
+        open(path, "wb").write(bytes(data))
+
+        def load_and_compare():
+            got = load_state(path)
+            if _state_text(got) != _state_text(reference):
+                raise AssertionError("a flipped header bit changed the loaded state silently")
+
+        self.guarded(f"checkpoint header: {flips} bit flips", load_and_compare, RunFolderError)
+        os.remove(path)
+
+    def foreign_state(self, rnd: random.Random) -> None:
+        import planc
+        from planc.errors import RuntimeStateError
+        from planc.examples.digits import mlp
+
+        plan = self.base()["plan"]
+        other = dataclasses.replace(plan, targets=dataclasses.replace(
+            plan.targets, defaults=dataclasses.replace(plan.targets.defaults, sparsity=rnd.choice([0.5, 0.8, 0.95]))))
+        kwargs = dict(plan.model.factory.kwargs_dict())
+        theirs = planc.compile(mlp(**kwargs), other)
+        mine = planc.compile(mlp(**kwargs), plan)
+        state = theirs.state_dict()
+
+        def load():
+            mine.load_state_dict(state)
+            raise AssertionError("a runtime state of another plan was accepted")
+
+        self.guarded("runtime state of another plan", load, RuntimeStateError)
+
+
+def _state_text(state) -> str:
+    from planc.checkpoint import encode, tensors_digest
+
+    tensors: Dict[str, Any] = {}
+    return json.dumps(encode(state, tensors), sort_keys=True) + tensors_digest(tensors)
+
+
 # ---- the hypothesis driver -------------------------------------------------------------
 def run(cases: int, seed: int, work: str, timeout: float = 30.0, full_explain: bool = True,
-        cli_share: float = 0.4) -> Fuzzer:
+        cli_share: float = 0.3, safety_share: float = 0.2) -> Fuzzer:
     """Run `cases` generated cases (each: one mutated plan through several entry points,
     or one command line)."""
     from hypothesis import HealthCheck, Phase, given, settings, strategies as st
     from hypothesis import seed as hseed
 
     fz = Fuzzer(work=work, timeout=timeout)
+    safety = Safety(fz)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     @hseed(seed)
     @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck), derandomize=False)
-    @given(st.randoms(use_true_random=False), st.floats(0, 1))
-    def one(rnd, which):
-        if which < cli_share:
+    @given(st.randoms(use_true_random=False))
+    def one(rnd):
+        # drawn from rnd, not from a second strategy: hypothesis' floats crowd at 0 and 1
+        kind = rnd.choices(["cli", "safety", "plan"], weights=[cli_share, safety_share, 1 - cli_share - safety_share])[0]
+        if kind == "cli":
             fz.cli_case(rnd)
+        elif kind == "safety":
+            safety.case(rnd)
         else:
             fz.plan_case(rnd, full_explain=full_explain)
 
@@ -560,10 +767,10 @@ def run(cases: int, seed: int, work: str, timeout: float = 30.0, full_explain: b
 def summarize(fz: Fuzzer, cases: int, seed: int, seconds: float, command: str) -> dict:
     findings = [o for o in fz.outcomes if o.problem]
     by_kind = Counter(o.kind for o in fz.outcomes)
-    statuses = Counter(f"{o.kind}:{o.status}" for o in fz.outcomes if o.kind != "load_plan")
+    statuses = Counter(f"{o.kind}:{o.status}" for o in fz.outcomes if o.kind not in ("load_plan", "safety"))
     known = set(Fuzzer.FLAGS)
     commands = Counter((o.argv[0] if o.argv and o.argv[0] in known else "(other or none)")
-                       for o in fz.outcomes if o.kind != "load_plan")
+                       for o in fz.outcomes if o.kind not in ("load_plan", "safety"))
     full = sum(1 for o in fz.outcomes if o.argv[:1] == ["explain"] and "--no-layers" not in o.argv)
     slowest = max(fz.outcomes, key=lambda o: o.seconds, default=None)
     return {
@@ -579,6 +786,8 @@ def summarize(fz: Fuzzer, cases: int, seed: int, seconds: float, command: str) -
         "bad_exit_status": sum(1 for o in findings if "exit status" in (o.problem or "")),
         "load_plan_non_plan_errors": sum(1 for o in findings if o.kind == "load_plan" and "hang" not in o.problem),
         "hangs": sum(1 for o in findings if (o.problem or "").startswith("hang")),
+        "safety_cases": dict(fz.safety_cases),
+        "safety_findings": sum(1 for o in findings if o.kind == "safety" or o.source.startswith("trust:")),
         "findings": len(findings),
         "explains_that_built_the_model": full,
         "slowest_call_s": round(slowest.seconds, 3) if slowest else 0.0,
@@ -598,7 +807,9 @@ def markdown(summary: dict) -> str:
         f"- exit statuses: {', '.join(f'{k} {v}' for k, v in summary['exit_statuses'].items())}",
         f"- findings: {summary['findings']} — tracebacks {summary['tracebacks']}, internal errors "
         f"{summary['internal_errors']}, exit status outside {{0,1,2}} {summary['bad_exit_status']}, non-PlanError "
-        f"from load_plan {summary['load_plan_non_plan_errors']}, hangs {summary['hangs']}",
+        f"from load_plan {summary['load_plan_non_plan_errors']}, hangs {summary['hangs']}, trust-model "
+        f"{summary['safety_findings']}",
+        f"- trust-model cases: {', '.join(f'{k} {v}' for k, v in sorted(summary['safety_cases'].items()))}",
         f"- explains that built and traced the model: {summary['explains_that_built_the_model']}",
         f"- wall time: {summary['seconds']} s; slowest call {summary['slowest_call_s']} s "
         f"(`{summary['slowest_call']}`)", "",
@@ -639,7 +850,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"fuzz: {summary['cases']} cases, {summary['calls']} calls, {summary['findings']} findings "
           f"({summary['tracebacks']} tracebacks, {summary['internal_errors']} internal errors, "
           f"{summary['bad_exit_status']} bad exit statuses, {summary['load_plan_non_plan_errors']} non-PlanErrors "
-          f"from load_plan, {summary['hangs']} hangs) in {summary['seconds']} s; {args.out}/fuzz.md")
+          f"from load_plan, {summary['hangs']} hangs, {summary['safety_findings']} trust-model) in {summary['seconds']} s; "
+          f"{args.out}/fuzz.md")
     return 1 if summary["findings"] else 0
 
 
