@@ -18,9 +18,10 @@ rather than splitting the block-rows statically matters on a shared machine: a c
 that starts late (another process, or OpenMP threads still spin-waiting after the
 previous op) just takes fewer columns.
 
-The result is returned as Yᵀ's transpose, a view: the next sparse layer wants Xᵀ
-contiguous anyway, so chained sparse layers never transpose (elementwise ops between
-them keep the layout).
+The result is returned as Yᵀ's transpose, a view (every strategy, so the layout does not
+depend on the shape: kernels/library.py states it to torch.compile): the next sparse
+layer wants Xᵀ contiguous anyway, so chained sparse layers never transpose (elementwise
+ops between them keep the layout).
 
 Strategies, chosen per shape by `choose_cpu_strategy` (kernels/cost.py):
 - "cols":  column panels as above (forward); the mirror image for dX; per block-row
@@ -79,7 +80,10 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
     M = x.shape[0]
     if strategy == "dense":
-        return F.linear(x.to(cd), bsm.to_dense().to(cd), None if bias is None else bias.to(cd)).to(out_dtype)
+        # Yᵀ = W·Xᵀ (+ b), returned as its transposed view: the same layout as the other paths
+        w, xt = bsm.to_dense().to(cd), x.to(cd).t()
+        yt = torch.mm(w, xt) if bias is None else torch.addmm(bias.to(cd).unsqueeze(1), w, xt)
+        return yt.t().to(out_dtype)
     if strategy == "mkl":
         if cd not in (torch.float32, torch.float64):
             raise ValueError(f"torch.sparse BSR on CPU supports float32/float64, got {cd}")

@@ -247,7 +247,10 @@ def _graphs(gm):
 
 
 def _drop_unused_params(gm: fx.GraphModule, rows: List[dict]) -> None:
-    """Delete weights no graph reads any more (the lowered module holds its own copy)."""
+    """Delete the dense weights (and biases) of lowered layers that no graph reads any
+    more: the lowered module holds the kept blocks, and a dense copy left behind would
+    make the lowered model bigger than the baked one. The owner may be a GraphModule or
+    a plain module (torch.export's unlifted modules keep their parameters in those)."""
     used = set()
     for owner, g in _graphs(gm):
         for n in g.graph.nodes:
@@ -265,8 +268,8 @@ def _drop_unused_params(gm: fx.GraphModule, rows: List[dict]) -> None:
                 parent = gm.get_submodule(parent_name) if parent_name else gm
             except AttributeError:
                 continue
-            if isinstance(parent, fx.GraphModule) and leaf in parent._parameters:
-                del parent._parameters[leaf]
+            parent._parameters.pop(leaf, None)
+            parent._buffers.pop(leaf, None)
 
 
 # ---- facts about a node ----------------------------------------------------------------

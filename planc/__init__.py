@@ -36,10 +36,19 @@ def lower(graph_module, backend: str = "auto", **kwargs):
     return _lower(graph_module, backend=backend, **kwargs)
 
 
-def load(run_dir, model=None, *, trust_factory=False):
-    """The baked model of a run folder, rebuilt with no pickle and no code from the folder:
-    `model` gives the architecture to load into; `trust_factory=True` instead imports and
-    calls the plan's factory (code the folder names). See planc.runfolder."""
+def save(out, pruned, *, baked=None, lowered=None, example_inputs=None, overwrite=False):
+    """Write a run folder for a model pruned in your own loop (see planc.runfolder.save):
+    then `planc.load(out)` gives the lowered model back, without your code."""
+    from planc.runfolder import save as _save
+
+    return _save(out, pruned, baked=baked, lowered=lowered, example_inputs=example_inputs, overwrite=overwrite)
+
+
+def load(run_dir, model=None, *, lowered=True, trust_factory=False):
+    """The model a run folder holds, rebuilt with no pickle and no code from the folder:
+    its lowered program (block-sparse kernels), or with `lowered=False` its baked program
+    (dense layout, pruned blocks zero). `model=` loads the baked weights into your own
+    module instead. See planc.runfolder and docs/robustness.md (the trust model)."""
     from planc.runfolder import load as _load
 
-    return _load(run_dir, model, trust_factory=trust_factory)
+    return _load(run_dir, model, lowered=lowered, trust_factory=trust_factory)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -28,6 +28,13 @@ def _median_ms(module: torch.nn.Module, inputs: Sequence[torch.Tensor], repeats:
 def lower_and_measure(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Tensor], repeats: int = 20) -> dict:
     """{backend, layers (per-layer decisions), max_rel_error, baked_ms, lowered_ms, speedup}.
     `lowered_ms`/`speedup` are measured on `inputs` (the plan's example inputs)."""
+    return lower_for_run(baked, plan, inputs, repeats)[0]
+
+
+def lower_for_run(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Tensor],
+                  repeats: int = 20) -> Tuple[dict, Optional[torch.nn.Module]]:
+    """(lower_and_measure's summary, the lowered model, or None when no layer was lowered
+    or the whole lowered model measured slower and the model stays dense)."""
     from planc.passes.lower import lower, report
 
     dtype = getattr(torch, plan.lower.dtype) if plan.lower.dtype else None
@@ -59,4 +66,4 @@ def lower_and_measure(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch
                 if row["action"] == "lowered":
                     row.update(action="dense", backend="dense", reason=f"{why} (alone: {row['reason']})")
             summary.update(lowered_layers=0, kept_dense=why)
-    return summary
+    return summary, (lowered if summary["lowered_layers"] else None)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from planc import distributed, runfolder
 from planc.checkpoint import remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
-from planc.lowering import lower_and_measure
+from planc.lowering import lower_for_run
 from planc.plan.factory import call_factory, describe_value
 from planc.plan.types import Plan, Schedule
 from planc.pruned import compile as planc_compile
@@ -207,6 +207,7 @@ class TrainResult:
     finished: bool = True
     main: bool = True             # rank 0 (or the only process): the one that wrote files
     already_finished: bool = False  # resume found this plan's finished run: nothing was trained
+    lowered: Any = None           # the lowered model apply kept (None: it stayed dense)
 
 
 def _progress(total: int, initial: int, enabled: Optional[bool]):
@@ -423,10 +424,14 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
     report = runfolder.make_report(plan, runtime, final, history, timings)
     if ranks.world > 1:
         report["ranks"] = ranks.world
+    lowered = None
     if plan.lower.backend != "dense" and ranks.main:
-        report["lowering"] = lower_and_measure(baked, plan, example_inputs_for(plan.model))
+        report["lowering"], lowered = lower_for_run(baked, plan, example_inputs_for(plan.model))
     if writes:
-        runfolder.write(out, plan, pruned, baked, report, runtime.events)
+        t3 = time.perf_counter()
+        runfolder.write(out, plan, pruned, baked, report, runtime.events, lowered=lowered,
+                        inputs=example_inputs_for(plan.model))
+        report["timings"]["write_s"] = time.perf_counter() - t3
         if ckpt_path:
             remove_checkpoints(ckpt_path)        # the run folder is the product now
-    return TrainResult(out, pruned, baked, report, history, finished=True, main=ranks.main)
+    return TrainResult(out, pruned, baked, report, history, finished=True, main=ranks.main, lowered=lowered)

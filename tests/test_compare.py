@@ -114,10 +114,10 @@ def test_compare_runs_writes_tables_matching_reports(plan_file, tmp_path):
     assert runs[0]["seed"] != runs[1]["seed"]
 
     # a second call reuses the finished folders
-    before = {d: os.path.getmtime(os.path.join(d, "model.safetensors")) for g in saved["groups"] for d in g["run_dirs"]}
+    before = {d: os.path.getmtime(os.path.join(d, "tensors.safetensors")) for g in saved["groups"] for d in g["run_dirs"]}
     again = compare([plan_file], ["method=sequential_attention_pp,acdc"], seeds=2, out=str(out), log=logs.append)
     assert all(r["reused"] for r in again["runs"])
-    assert before == {d: os.path.getmtime(os.path.join(d, "model.safetensors")) for d in before}
+    assert before == {d: os.path.getmtime(os.path.join(d, "tensors.safetensors")) for d in before}
     assert [g["metric"] for g in again["groups"]] == [g["metric"] for g in saved["groups"]]
     # ... but not when the plan changed
     longer = compare([plan_file], ["method=acdc"], seeds=1, out=str(out), steps=24, log=logs.append)

@@ -101,7 +101,9 @@ def steps_logged(out: str) -> int:
 
 
 def weights_and_masks(out: str):
-    model, _ = load_tensors(os.path.join(out, "model.safetensors"))
+    from planc.runfolder import state_dict
+
+    model = state_dict(out)
     masks, _ = load_tensors(os.path.join(out, "masks.safetensors"))
     return model, masks
 

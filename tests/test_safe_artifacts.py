@@ -86,16 +86,27 @@ def rehash(run) -> None:
 
 def one_line_error(run, exc=RunFolderError, **kw) -> str:
     with pytest.raises(exc) as info:
-        planc.load(str(run), **{"trust_factory": True, **kw})
+        planc.load(str(run), **kw)
     msg = str(info.value)
     assert "\n" not in msg.strip()
     return msg
 
 
 def test_intact_run_folder_loads_without_unpickling(run, no_unpickling):
-    model = planc.load(str(run), trust_factory=True)
-    assert not model.training
-    assert model(torch.randn(3, 64)).shape == (3, 10)
+    for lowered in (True, False):
+        model = planc.load(str(run), lowered=lowered)
+        assert not model.training
+        assert model(torch.randn(3, 64)).shape == (3, 10)
+
+
+def edit_store(run, edit) -> None:
+    """Change tensors.safetensors as an attacker who re-hashes would: edit(stored, entries)."""
+    from planc.checkpoint import load_tensors
+
+    stored, meta = load_tensors(str(run / "tensors.safetensors"))
+    edit(stored, meta["entries"])
+    save_tensors(str(run / "tensors.safetensors"), stored, meta)
+    rehash(run)
 
 
 def test_resume_from_a_checkpoint_does_not_unpickle(tmp_path, no_unpickling):
@@ -107,7 +118,7 @@ def test_resume_from_a_checkpoint_does_not_unpickle(tmp_path, no_unpickling):
     assert train(plan, out, resume=True, progress=False, log=lambda s: None).finished
 
 
-@pytest.mark.parametrize("target", ["model.safetensors", "masks.safetensors"])
+@pytest.mark.parametrize("target", ["tensors.safetensors", "masks.safetensors"])
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
 def test_safetensors_swapped_for_a_pickle_never_runs_it(run, tmp_path, target, how):
     marker = tmp_path / "pwned"
@@ -140,7 +151,7 @@ def test_checkpoint_swapped_for_a_pickle_never_runs_it(tmp_path):
 
 def test_edited_report_hash_is_detected(run):
     report = json.loads((run / "report.json").read_text())
-    report["files"]["model.safetensors"] = "0" * 64
+    report["files"]["tensors.safetensors"] = "0" * 64
     (run / "report.json").write_text(json.dumps(report))
     assert "sha256" in one_line_error(run)
 
@@ -158,35 +169,32 @@ def test_report_without_hashes_is_detected(run):
 
 
 def test_edited_weights_without_rehash_are_detected(run):
-    data = bytearray((run / "model.safetensors").read_bytes())
+    data = bytearray((run / "tensors.safetensors").read_bytes())
     data[-5] ^= 0xFF
-    (run / "model.safetensors").write_bytes(bytes(data))
-    assert "model.safetensors" in one_line_error(run)
+    (run / "tensors.safetensors").write_bytes(bytes(data))
+    assert "tensors.safetensors" in one_line_error(run)
 
 
-def test_weights_of_the_wrong_shape_are_named(run):
-    from safetensors import safe_open
+@pytest.mark.parametrize("lowered", [True, False])
+def test_weights_of_the_wrong_shape_are_named(run, lowered):
+    def grow(stored, entries):
+        key = entries["lowered/head.weight" if lowered else "baked/head.weight"]["dense"]
+        stored[key] = torch.zeros(stored[key].shape[0] + 1, stored[key].shape[1])
 
-    with safe_open(str(run / "model.safetensors"), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    key = sorted(k for k in state if k.endswith("weight"))[0]
-    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
-    save_tensors(str(run / "model.safetensors"), state, {"format": "planc.model/1"})
-    rehash(run)
-    msg = one_line_error(run)
-    assert key in msg and "expected" in msg
+    edit_store(run, grow)
+    msg = one_line_error(run, lowered=lowered)
+    assert "head.weight" in msg and "expected" in msg
 
 
 def test_pruned_blocks_that_are_not_zero_are_detected(run):
-    from safetensors import safe_open
+    def fill(stored, entries):
+        for name, entry in list(entries.items()):
+            if name.startswith("state/") and "bsr" in entry:        # a pruned weight: store it dense, no zeros
+                shape = entry["view"]["weight_shape"]
+                stored[f"dense-{name}"] = torch.ones(shape)
+                entries[name] = {"dense": f"dense-{name}"}
 
-    with safe_open(str(run / "model.safetensors"), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for k in state:
-        if k.endswith("weight"):
-            state[k] = state[k] + 1.0          # no exact zeros anywhere
-    save_tensors(str(run / "model.safetensors"), state, {"format": "planc.model/1"})
-    rehash(run)
+    edit_store(run, fill)
     assert "not zero" in one_line_error(run)
 
 
@@ -210,37 +218,50 @@ def test_events_that_are_not_json_are_detected(run):
     assert "events.jsonl" in one_line_error(run)
 
 
-@pytest.mark.parametrize("missing", ["plan.yaml", "model.safetensors", "masks.safetensors", "report.json"])
+@pytest.mark.parametrize("missing", ["plan.yaml", "tensors.safetensors", "masks.safetensors", "report.json",
+                                     "lowered.json"])
 def test_missing_file_is_named(run, missing):
     os.remove(run / missing)
     assert missing in one_line_error(run)
 
 
-def test_loading_a_run_folder_runs_none_of_its_code(run, tmp_path):
-    """A run folder's plan names code (model.factory). Loading never imports or calls it
-    unless asked (trust_factory=True); passing the model runs none; an edited plan.yaml
-    fails its hash; a re-hashed one naming the standard library is refused."""
-    from planc.examples.digits import mlp
-
-    model = planc.load(str(run), model=mlp(hidden=32))
-    assert model(torch.randn(2, 64)).shape == (2, 10)
-    marker = tmp_path / "factory-ran"
+def test_loading_a_run_folder_runs_none_of_its_code(run, tmp_path, monkeypatch):
+    """A run folder's plan names code (model.factory). Loading rebuilds the model from
+    the folder's programs and never imports or calls the factory; without programs it is
+    called only when asked (trust_factory=True); an edited plan.yaml fails its hash; a
+    re-hashed one naming the standard library is refused."""
     import yaml
 
-    from planc.runfolder import load
+    import planc.examples.digits as digits
+    from planc.examples.digits import mlp
 
-    msg = one_line_error(run, trust_factory=False)          # the folder's own plan: not called unasked
-    assert "trust_factory=True" in msg and "model=" in msg and "planc.examples.digits:mlp" in msg
+    def refuse(**kw):
+        raise AssertionError("the plan's factory was called")
+
+    monkeypatch.setattr(digits, "mlp", refuse)
+    assert planc.load(str(run))(torch.randn(2, 64)).shape == (2, 10)
+    assert planc.load(str(run), lowered=False)(torch.randn(2, 64)).shape == (2, 10)
+    assert planc.load(str(run), model=mlp(hidden=32))(torch.randn(2, 64)).shape == (2, 10)
+    monkeypatch.undo()
+
+    for f in ("baked.json", "lowered.json"):                  # a folder saved without programs
+        os.remove(run / f)
+    report = json.loads((run / "report.json").read_text())
+    report["files"] = {k: v for k, v in report["files"].items() if not k.endswith(".json")}
+    (run / "report.json").write_text(json.dumps(report))
+    msg = one_line_error(run)
+    assert "holds no program" in msg and "model=" in msg and "trust_factory=True" in msg
+    assert planc.load(str(run), trust_factory=True)(torch.randn(2, 64)).shape == (2, 10)
+
+    marker = tmp_path / "factory-ran"
     doc = yaml.safe_load((run / "plan.yaml").read_text())
     doc["model"]["factory"] = "pathlib:Path.touch"          # a stand-in for code an attacker names
     doc["model"]["kwargs"] = {"self": str(marker)}
     (run / "plan.yaml").write_text(yaml.safe_dump(doc))
     assert "plan.yaml: sha256 differs" in one_line_error(run)
     rehash(run)
-    msg = one_line_error(run)                                 # trusted, and still refused
+    msg = one_line_error(run, trust_factory=True)             # trusted, and still refused
     assert "plan.yaml" in msg and "'pathlib' is part of the Python standard library" in msg
-    with pytest.raises(RunFolderError, match="standard library"):
-        load(str(run), model=mlp(hidden=32))                  # the plan itself is invalid now
     assert not marker.exists()
 
 

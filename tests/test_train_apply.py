@@ -41,7 +41,7 @@ def finished(tmp_path_factory):
 
 def test_run_folder_is_complete_and_loads_back_with_the_same_outputs(finished):
     out, result = finished
-    assert sorted(os.listdir(out)) == sorted(FILES)          # the checkpoint is gone when done
+    assert sorted(os.listdir(out)) == sorted(FILES)          # the checkpoint is gone when done; programs saved
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["steps"] == 40 and report["mean_sparsity"] == pytest.approx(0.75)
     for row in report["layers"]:
@@ -62,7 +62,7 @@ def test_run_folder_is_complete_and_loads_back_with_the_same_outputs(finished):
         assert torch.allclose(model(x), ref, atol=1e-6)
         masked = result.pruned.module.eval()(x)
         assert torch.allclose(model(x), masked, atol=1e-5)
-    run = read(out, trust_factory=True)
+    run = read(out)
     assert run.plan == tiny_plan()
     for name, alive in run.masks.items():
         assert torch.equal(alive, result.pruned.masks[name].alive)
@@ -74,22 +74,23 @@ def test_tampered_or_missing_files_are_rejected(finished, tmp_path):
     out, _ = finished
     bad = str(tmp_path / "bad")
     shutil.copytree(out, bad)
-    weights, meta = load_tensors(os.path.join(bad, "model.safetensors"))
-    weights["layers.0.weight"] = weights["layers.0.weight"] + 1.0
+    weights, meta = load_tensors(os.path.join(bad, "tensors.safetensors"))
+    weights["dense"] = torch.ones(32, 64)          # layers.0.weight stored dense, without a zero
+    meta["entries"]["state/layers.0.weight"] = {"dense": "dense"}
     from planc.checkpoint import save_tensors
-    save_tensors(os.path.join(bad, "model.safetensors"), weights, meta)
+    save_tensors(os.path.join(bad, "tensors.safetensors"), weights, meta)
     with pytest.raises(RunFolderError, match="sha256"):
-        planc.load(bad, trust_factory=True)
+        planc.load(bad)
     # fix the hash: the zero check still catches weights in pruned blocks
     from planc.checkpoint import sha256_file
     report = json.load(open(os.path.join(bad, "report.json")))
-    report["files"]["model.safetensors"] = sha256_file(os.path.join(bad, "model.safetensors"))
+    report["files"]["tensors.safetensors"] = sha256_file(os.path.join(bad, "tensors.safetensors"))
     json.dump(report, open(os.path.join(bad, "report.json"), "w"))
     with pytest.raises(RunFolderError, match="not zero"):
-        planc.load(bad, trust_factory=True)
+        planc.load(bad)
     os.remove(os.path.join(bad, "masks.safetensors"))
     with pytest.raises(RunFolderError, match="missing"):
-        planc.load(bad, trust_factory=True)
+        planc.load(bad)
     with pytest.raises(RunFolderError, match="no such run folder"):
         planc.load(str(tmp_path / "nowhere"))
 
@@ -106,7 +107,7 @@ def test_resume_from_a_checkpoint_is_bitwise_equal(finished, tmp_path):
     assert not first.finished and os.path.isfile(os.path.join(part_out, CHECKPOINT))
     second = train(plan, part_out, resume=True, progress=False)     # restarts from step 14
     assert second.finished
-    a, b = _tensors(os.path.join(ref_out, "model.safetensors")), _tensors(os.path.join(part_out, "model.safetensors"))
+    a, b = _tensors(os.path.join(ref_out, "tensors.safetensors")), _tensors(os.path.join(part_out, "tensors.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert open(os.path.join(ref_out, "events.jsonl")).read() == open(os.path.join(part_out, "events.jsonl")).read()
     ra = json.load(open(os.path.join(ref_out, "report.json")))

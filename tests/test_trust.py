@@ -147,12 +147,12 @@ def rehash(run: str) -> None:
 
 
 def test_every_file_of_a_run_folder_is_hashed(finished_run, tmp_path):
-    for name in ("plan.yaml", "events.jsonl", "model.safetensors", "masks.safetensors"):
+    for name in ("plan.yaml", "events.jsonl", "tensors.safetensors", "masks.safetensors", "baked.json", "lowered.json"):
         run = copy_of(finished_run, tmp_path / name)
         with open(os.path.join(run, name), "ab") as f:
             f.write(b"\n")
         with pytest.raises(RunFolderError, match=f"{name}: sha256 differs"):
-            planc.load(run, trust_factory=True)
+            planc.load(run)
 
 
 def _masks_meta(run: str, edit) -> None:
