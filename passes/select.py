@@ -84,7 +84,7 @@ def select(gm: fx.GraphModule, targets) -> Tuple[fx.GraphModule, bool]:
     targets = getattr(targets, "targets", targets)
     uses = weight_uses(gm)
     layers = _layers(gm, uses)
-    first, last = _positions(gm, uses)
+    first, last = _positions(gm, layers)
     _check_rules(targets.rules, layers, first, last)
     readers = readers_by_weight(gm, uses)
 
@@ -119,25 +119,34 @@ def targets_of(gm: fx.GraphModule) -> Tuple[TargetInfo, ...]:
 
 # ---- layers and positions ------------------------------------------------------------
 
-def _layer_name(use: WeightUse) -> str:
-    w = use.weight_target
-    return w[: -len(".weight")] if w.endswith(".weight") else w
-
-
 def _layers(gm, uses: Sequence[WeightUse]) -> Dict[str, List[WeightUse]]:
-    layers: Dict[str, List[WeightUse]] = {}
+    """Layer name -> its uses: one layer per weight Parameter (by identity, so aliases of a
+    tied weight are one layer whatever names the graph reads it by). The name is the
+    weight's path without `.weight`, preferring the path under the module that applies it
+    (export may read a tied weight by another module's name)."""
+    by_param: Dict[int, List[WeightUse]] = {}
     for use in uses:
-        layers.setdefault(_layer_name(use), []).append(use)
+        by_param.setdefault(id(gm.get_parameter(use.weight_target)), []).append(use)
+    aliases: Dict[int, List[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    layers: Dict[str, List[WeightUse]] = {}
+    for key, group in by_param.items():
+        first = group[0]
+        own = f"{first.module_name}.weight"
+        target = own if first.module_name and own in aliases.get(key, ()) else first.weight_target
+        layers[target[: -len(".weight")] if target.endswith(".weight") else target] = group
     return layers
 
 
-def _positions(gm: fx.GraphModule, uses: Sequence[WeightUse]) -> Tuple[set, set]:
+def _positions(gm: fx.GraphModule, layers: Dict[str, List[WeightUse]]) -> Tuple[set, set]:
     """(first, last) layer names: layers with no layer upstream / downstream of them in
     the data-flow DAG. Nested graphs (auto frontend) are ordered by the order in which
     their layers appear, each graph on its own."""
     first, last = set(), set()
     by_owner: Dict[str, List[WeightUse]] = {}
-    for u in uses:
+    name_of = {u.node: name for name, group in layers.items() for u in group}
+    for u in (u for group in layers.values() for u in group):
         by_owner.setdefault(u.owner, []).append(u)
     owners = list(by_owner)
     for i, owner in enumerate(owners):
@@ -148,7 +157,7 @@ def _positions(gm: fx.GraphModule, uses: Sequence[WeightUse]) -> Tuple[set, set]
             dag.add_node(n)
             for inp in n.all_input_nodes:
                 dag.add_edge(inp, n)
-        layer_of = {u.node: _layer_name(u) for u in by_owner[owner]}
+        layer_of = {u.node: name_of[u.node] for u in by_owner[owner]}
         up, down = _reach(dag, layer_of, index)
         for node, name in layer_of.items():
             # Only the first graph's heads are the model's first, only the last graph's tails its last.
@@ -172,9 +181,11 @@ def _reach(dag: nx.DiGraph, layer_of: Dict[fx.Node, str], index) -> Tuple[Dict, 
 
 
 def _others(group: Sequence[WeightUse], readers: Sequence[WeightReader]) -> Tuple[WeightReader, ...]:
-    """The readers of a layer's weight that are not the layer itself."""
-    own = {(u.module_name, "linear^T" if u.transposed else u.op) for u in group}
-    return tuple(r for r in readers if (r.module_name, r.kind) not in own)
+    """The readers of a layer's weight other than its own module (a module applying its
+    weight twice is one layer; two modules sharing one weight are tied)."""
+    first = group[0]
+    own = (first.module_name, "linear^T" if first.transposed else first.op)
+    return tuple(r for r in readers if (r.module_name, r.kind) != own)
 
 
 def _shared_reason(others: Sequence[WeightReader]) -> Optional[str]:
