@@ -82,7 +82,8 @@ def write(out: str, plan, pruned, baked, report: dict, events: List[dict]) -> No
         if mask.logits is not None:
             tensors[f"{name}.logits"] = mask.logits.detach()
         layers[name] = {"block": list(mask.view.block), "weight_shape": list(mask.view.weight_shape),
-                        "mode": mask.mode, "param": param_key(pruned, name, state.keys())}
+                        "transposed": mask.view.transposed, "mode": mask.mode,
+                        "param": param_key(pruned, name, state.keys())}
     save_tensors(os.path.join(out, MASKS), tensors, {"format": "planc.masks/1", "layers": layers})
     atomic_write_text(os.path.join(out, EVENTS), "".join(json.dumps(e, sort_keys=True) + "\n" for e in events))
     report = dict(report, files={f: sha256_file(os.path.join(out, f)) for f in (MODEL, MASKS)})
@@ -161,7 +162,7 @@ def read(run_dir: str, model: Optional[torch.nn.Module] = None) -> Run:
     alive: Dict[str, torch.Tensor] = {}
     for name, info in layers.items():
         grid = mask_tensors.get(f"{name}.alive")
-        view = BlockView(tuple(info["weight_shape"]), tuple(info["block"]))
+        view = BlockView(tuple(info["weight_shape"]), tuple(info["block"]), bool(info.get("transposed", False)))
         if grid is None or tuple(grid.shape) != view.grid or grid.dtype != torch.bool:
             raise RunFolderError(f"{os.path.join(run_dir, MASKS)}: {name}.alive: expected a bool grid {view.grid}")
         key = info.get("param")

@@ -142,3 +142,20 @@ def test_transposed_linear_blocks_are_out_by_in_through_mask_bake_and_lower():
     lowered = planc.lower(baked, backend="cpu", min_speedup=0)
     assert {r["layer"]: (r["action"], r["shape"]) for r in report(lowered)}["weight"] == ("lowered", (12, 8))
     assert relative_error(run(baked, x), run(lowered, x)) <= 1e-5
+
+
+def test_a_run_folder_with_a_transposed_layer_reads_back(tmp_path):
+    from planc import runfolder
+
+    model = Conv1DStyle(n_in=8, n_out=12).eval()
+    plan_data = {"version": 1, "name": "conv1d", "model": {"example_inputs": [[2, 3, 8]]},
+                 "targets": {"defaults": {"block": [4, 2], "sparsity": 0.5, "min_blocks": 1}},
+                 "method": {"name": "magnitude"}, "schedule": {"phases": [{"phase": "dense", "steps": 1}]},
+                 "train": {"steps": 1}}
+    pruned = planc.compile(model, plan_data)
+    prune_half(pruned.masks)
+    baked = pruned.bake()
+    runfolder.write(str(tmp_path), pruned.plan, pruned, baked, {"format": runfolder.REPORT_FORMAT}, [])
+    run_back = runfolder.read(str(tmp_path), model=Conv1DStyle(n_in=8, n_out=12))
+    assert torch.equal(run_back.masks["weight"], pruned.masks["weight"].alive)
+    assert torch.equal(run_back.model.weight, baked.get_parameter("weight"))
