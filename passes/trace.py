@@ -494,24 +494,29 @@ def _compare(ref, out, what: str) -> None:
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max(max |a|, max |b|): 0 for equal tensors (NaNs in the same places
-    count as equal), 1 when one is all zeros and the other is not, inf for misplaced NaNs."""
+    """max |a - b| / max(max |a|, max |b|) over finite entries: 0 for equal tensors (NaNs
+    or infinities in the same places count as equal), 1 when one is all zeros and the
+    other is not, inf for misplaced NaNs or infinities."""
     if not (a.is_floating_point() or a.is_complex()):
         return 0.0 if torch.equal(a, b) else float("inf")
-    a, b = a.detach().double(), b.detach().double()
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    a, b = a.detach().to(wide), b.detach().to(wide)
     nan_a, nan_b = a.isnan(), b.isnan()
     if not torch.equal(nan_a, nan_b):
         return float("inf")
     a, b = a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
     if a.numel() == 0:
         return 0.0
-    scale = float(torch.maximum(a.abs().max(), b.abs().max()))
-    diff = float((a - b).abs().max())
-    return diff / scale if scale > 0 else 0.0
+    diff = float((a - b).abs().masked_fill(a == b, 0).max())     # equal infinities are equal
+    if diff == 0:
+        return 0.0
+    finite = lambda t: t.abs().masked_fill(~t.isfinite(), 0).max()  # noqa: E731
+    scale = float(torch.maximum(finite(a), finite(b)))
+    return diff / scale if scale > 0 else float("inf")
 
 
 def _tolerance(dtype: torch.dtype) -> float:
-    return max(_CHECK_RTOL, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    return max(_CHECK_RTOL, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point or dtype.is_complex else 0.0
 
 
 def _check_deterministic(model, gm, out, args, kwargs, how: str) -> None:

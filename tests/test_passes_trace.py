@@ -256,3 +256,7 @@ def test_relative_error():
     assert relative_error(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0])) == 0.0
     assert relative_error(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0])) == float("inf")
     assert relative_error(torch.tensor([1, 2]), torch.tensor([1, 3])) == float("inf")
+    inf = float("inf")
+    assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) == 0.0
+    assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.5])) == pytest.approx(1 / 3)
+    assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0])) == inf
