@@ -31,7 +31,7 @@ from .nodes import graph_modules, weight_uses
 
 def bake(gm: fx.GraphModule) -> Tuple[fx.GraphModule, bool]:
     """Fold masks into weights; returns (gm, changed)."""
-    records: Dict[str, dict] = {}
+    records: Dict[int, dict] = {}           # id(weight parameter) -> what bake did to it
     uses = weight_uses(gm)
     with torch.no_grad():
         for use in uses:
@@ -41,11 +41,12 @@ def bake(gm: fx.GraphModule) -> Tuple[fx.GraphModule, bool]:
             mask = owner.get_submodule(use.mask_node.target)
             if not isinstance(mask, BlockMask):
                 continue
-            if use.weight_target not in records:       # a weight applied twice is folded once
-                records[use.weight_target] = _fold(gm.get_parameter(use.weight_target), mask)
+            weight = gm.get_parameter(use.weight_target)
+            if id(weight) not in records:              # a weight applied twice (or aliased) is folded once
+                records[id(weight)] = _fold(weight, mask)
             use.mask_node.replace_all_uses_with(use.weight_node)
             owner.graph.erase_node(use.mask_node)
-            use.node.meta[meta.BAKED] = records[use.weight_target]
+            use.node.meta[meta.BAKED] = records[id(weight)]
             use.node.meta.pop(meta.MASK, None)
     changed = bool(records)
     for _, g in graph_modules(gm):

@@ -46,9 +46,9 @@ def mask_for(info: TargetInfo, method) -> BlockMask:
         raise ValueError(f"expected a method in {sorted(MODE_OF_METHOD)}, got {name!r}")
     mode = MODE_OF_METHOD[name]
     if isinstance(method, str):
-        return BlockMask(info.weight_shape, info.block, mode)
+        return BlockMask(info.weight_shape, info.block, mode, transposed=info.transposed)
     return BlockMask(info.weight_shape, info.block, mode, clip=method.clip if mode == "attention" else None,
-                     alpha=method.alpha, granularity=method.granularity)
+                     alpha=method.alpha, granularity=method.granularity, transposed=info.transposed)
 
 
 def insert_masks(gm: fx.GraphModule, method) -> Tuple[fx.GraphModule, bool]:

@@ -3,7 +3,9 @@
 For every node that applies a weight (planc.passes.nodes.weight_uses: call_module
 Linear/Conv2d from symbolic_trace, aten.linear/aten.conv2d/addmm/mm on get_attr weights
 from torch.export), the pass builds a BlockSparseMatrix of the weight's nonzero blocks
-(through the block view), asks kernels/cost.py whether the block-sparse op beats dense
+(through the block view; a transposed, Conv1D-style weight stored (in, out) is
+given to the kernels as its true (out, in) matrix, so its blocks are the ones its mask
+pruned), asks kernels/cost.py whether the block-sparse op beats dense
 for that shape, block, density and backend, and if the predicted speedup reaches
 `min_speedup` swaps the layer for a BlockSparseLinear / BlockSparseConv2d module. Every
 weight node gets node.meta[planc.meta.LOWERED]: what was done and why; `report(gm)`
@@ -90,7 +92,9 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
     from planc.kernels.ops import resolve_backend
 
     name = use.weight_target[:-len(".weight")] if use.weight_target.endswith(".weight") else use.weight_target
-    weight = gm.get_parameter(use.weight_target)
+    stored = gm.get_parameter(use.weight_target)
+    # the kernels take the true (out, in) matrix: a Conv1D-style weight is stored (in, out)
+    weight = stored.t() if use.transposed else stored
     row = dict(layer=name, op=use.op, shape=tuple(weight.shape), action="dense", backend="dense",
                block=None, density=1.0, predicted_speedup=None, reason="")
     node = use.node
@@ -103,7 +107,7 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
     if use.mask_node is not None:
         return keep("the weight still flows through a BlockMask: bake before lowering")
     if use.op == "conv2d":
-        why = _conv_unsupported(use, weight)
+        why = _conv_unsupported(use, stored)
         if why:
             return keep(why)
     chosen = resolve_backend(backend, weight.device) if backend != "dense" else "dense"

@@ -9,7 +9,12 @@ Every kind of graph the trace frontends produce is recognised:
   `get_attr` of a parameter (hand-written functional code);
 - ATen ops from torch.export: `aten.linear`, `aten.conv2d`, `aten.convolution`
   (non-transposed, 4-D weight), and the decomposed `aten.addmm(b, x, t(W))` /
-  `aten.mm(x, t(W))` pattern that `run_decompositions()` leaves behind.
+  `aten.mm(x, t(W))` / `aten.matmul(x, t(W))` patterns (`run_decompositions()`, and
+  Falcon's `x @ W.T`);
+- transposed linear maps, whose weight is stored (in, out) and applied as the right
+  operand without a transpose: `aten.addmm(b, x, W)` / `aten.mm(x, W)` /
+  `aten.matmul(x, W)` — GPT-2's `Conv1D`. Their WeightUse has `transposed=True`; the
+  later passes view such a weight as W.T, its true (out, in) matrix.
 
 A GraphModule may hold nested GraphModules (the `auto` frontend's per-submodule
 fallback); `weight_uses` walks into them, and every name it returns (weight_target,
@@ -55,6 +60,7 @@ class WeightUse:
     dilation: Tuple[int, ...] = ()
     groups: int = 1
     mask_node: Optional[fx.Node] = None       # the BlockMask call between weight and op, once inserted
+    transposed: bool = False                  # weight stored (in, out), applied as x @ W (Conv1D-style)
 
     @property
     def is_call_module(self) -> bool:
@@ -104,9 +110,11 @@ def _classify(g: fx.GraphModule, owner: str, node: fx.Node) -> Optional[WeightUs
         return _from_function(g, owner, node, "conv2d", _arg(node, 1, "weight"), _arg(node, 2, "bias"),
                               conv=_conv_args(node, transposed_layout=True))
     if target is aten.addmm.default:
-        return _from_matmul(g, owner, node, bias=_arg(node, 0, "self"), weight_t=_arg(node, 2, "mat2"))
+        return _from_matmul(g, owner, node, bias=_arg(node, 0, "self"), right=_arg(node, 2, "mat2"))
     if target is aten.mm.default:
-        return _from_matmul(g, owner, node, bias=None, weight_t=_arg(node, 1, "mat2"))
+        return _from_matmul(g, owner, node, bias=None, right=_arg(node, 1, "mat2"))
+    if target is aten.matmul.default:
+        return _from_matmul(g, owner, node, bias=None, right=_arg(node, 1, "other"))
     return None
 
 
@@ -146,24 +154,31 @@ def _from_function(g, owner, node, op, weight, bias, conv=None) -> Optional[Weig
                      weight_node=weight, weight_user=user, owner=owner, mask_node=mask, **extra)
 
 
-def _from_matmul(g, owner, node, bias, weight_t) -> Optional[WeightUse]:
-    # x @ W.T (+ b): the weight enters through a transpose node of a (out, in) parameter.
-    if not isinstance(weight_t, fx.Node) or weight_t.op != "call_function" or weight_t.target not in _TRANSPOSES:
-        return None
-    if weight_t.target is aten.permute.default and list(weight_t.args[1]) != [1, 0]:
-        return None
-    if weight_t.target is aten.transpose.int and sorted(int(d) % 2 for d in weight_t.args[1:3]) != [0, 1]:
-        return None
-    weight, mask = _unmask(g, weight_t.args[0])
+def _from_matmul(g, owner, node, bias, right) -> Optional[WeightUse]:
+    """x @ right (+ b), where `right` is W.T of an (out, in) parameter (a linear map), or
+    the parameter itself, stored (in, out) (a transposed, Conv1D-style linear map)."""
+    transposed = not _is_transpose(right)
+    weight, mask = _unmask(g, right if transposed else right.args[0])
     w = _param_target(g, weight)
     if w is None or g.get_parameter(w).dim() != 2:
         return None
     b = _param_target(g, bias)
     module_name, module_type, mro = _module_of(g, owner, node, w)
+    user = mask if mask is not None else (node if transposed else right)
     return WeightUse(node=node, op="linear", weight_target=_join(owner, w), bias_target=_join(owner, b) if b else None,
                      module_name=module_name, module_type=module_type, module_mro=mro,
-                     weight_node=weight, weight_user=mask if mask is not None else weight_t, owner=owner,
-                     mask_node=mask)
+                     weight_node=weight, weight_user=user, owner=owner, mask_node=mask, transposed=transposed)
+
+
+def _is_transpose(value) -> bool:
+    """Whether `value` is a node swapping the two dimensions of a 2-D tensor."""
+    if not isinstance(value, fx.Node) or value.op != "call_function" or value.target not in _TRANSPOSES:
+        return False
+    if value.target is aten.permute.default:
+        return list(value.args[1]) == [1, 0]
+    if value.target is aten.transpose.int:
+        return sorted(int(d) % 2 for d in value.args[1:3]) == [0, 1]
+    return True
 
 
 # ---- helpers --------------------------------------------------------------------------
@@ -219,6 +234,15 @@ def _norm_padding(p):
 
 
 _STRICT_PREFIX = re.compile(r"^L\['self'\]\.?")
+
+
+def module_path(owner: str, node: fx.Node) -> str:
+    """Qualified name of the innermost module that ran `node`, from nn_module_stack
+    (export and symbolic_trace record it); `owner` when the node has none."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return owner
+    return _join(owner, _STRICT_PREFIX.sub("", str(list(stack.values())[-1][0]))) or ""
 
 
 def _module_of(g: fx.GraphModule, owner: str, node: fx.Node, weight_target: str) -> Tuple[str, str, Tuple[str, ...]]:

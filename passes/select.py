@@ -20,7 +20,9 @@ A layer stays dense, with its reason in `skip_reason`, when a rule says skip, wh
 grid has fewer than `min_blocks` blocks (the paper's rule), when its target sparsity is
 0, when it is a grouped convolution (its (out, kh·kw·in/groups) view is not one matrix
 product), or when its weight is shared with another use (tied weights: masking one use
-and baking would silently change the other). A rule that matches no layer at all is a
+and baking would silently change the other; passes.ties finds every reader of the
+Parameter, so a head tied to the input embedding is recognised however it is tied, and
+`shared_with` lists the other uses for the layer table). A rule that matches no layer at all is a
 SelectError listing the closest layer names; so is a plan under which every layer stays
 dense (nothing would be pruned).
 """
@@ -39,6 +41,7 @@ from planc.blocks import BlockView
 from planc.errors import SelectError
 
 from .nodes import WeightUse, graph_modules, weight_uses
+from .ties import WeightReader, readers_by_weight
 
 _PREFIXES = ("module.",)
 
@@ -60,6 +63,8 @@ class TargetInfo:
     order: int                            # position among layers, in graph (topological) order
     module_name: str = ""
     bias_target: Optional[str] = None
+    transposed: bool = False              # weight stored (in, out): a Conv1D-style linear
+    shared_with: Tuple[WeightReader, ...] = ()   # the weight's other uses (tied weights)
 
     @property
     def targeted(self) -> bool:
@@ -79,12 +84,12 @@ def select(gm: fx.GraphModule, targets) -> Tuple[fx.GraphModule, bool]:
     targets = getattr(targets, "targets", targets)
     uses = weight_uses(gm)
     layers = _layers(gm, uses)
-    first, last = _positions(gm, uses)
+    first, last = _positions(gm, layers)
     _check_rules(targets.rules, layers, first, last)
-    shared = _shared_weights(gm, uses)
+    readers = readers_by_weight(gm, uses)
 
     infos = [(group, _decide(gm, name, group[0], group, order, targets, name in first, name in last,
-                             shared.get(group[0].weight_target)))
+                             _others(group, readers[group[0].weight_target])))
              for order, (name, group) in enumerate(layers.items())]
     _check_something_pruned([info for _, info in infos])
 
@@ -114,25 +119,34 @@ def targets_of(gm: fx.GraphModule) -> Tuple[TargetInfo, ...]:
 
 # ---- layers and positions ------------------------------------------------------------
 
-def _layer_name(use: WeightUse) -> str:
-    w = use.weight_target
-    return w[: -len(".weight")] if w.endswith(".weight") else w
-
-
 def _layers(gm, uses: Sequence[WeightUse]) -> Dict[str, List[WeightUse]]:
-    layers: Dict[str, List[WeightUse]] = {}
+    """Layer name -> its uses: one layer per weight Parameter (by identity, so aliases of a
+    tied weight are one layer whatever names the graph reads it by). The name is the
+    weight's path without `.weight`, preferring the path under the module that applies it
+    (export may read a tied weight by another module's name)."""
+    by_param: Dict[int, List[WeightUse]] = {}
     for use in uses:
-        layers.setdefault(_layer_name(use), []).append(use)
+        by_param.setdefault(id(gm.get_parameter(use.weight_target)), []).append(use)
+    aliases: Dict[int, List[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    layers: Dict[str, List[WeightUse]] = {}
+    for key, group in by_param.items():
+        first = group[0]
+        own = f"{first.module_name}.weight"
+        target = own if first.module_name and own in aliases.get(key, ()) else first.weight_target
+        layers[target[: -len(".weight")] if target.endswith(".weight") else target] = group
     return layers
 
 
-def _positions(gm: fx.GraphModule, uses: Sequence[WeightUse]) -> Tuple[set, set]:
+def _positions(gm: fx.GraphModule, layers: Dict[str, List[WeightUse]]) -> Tuple[set, set]:
     """(first, last) layer names: layers with no layer upstream / downstream of them in
     the data-flow DAG. Nested graphs (auto frontend) are ordered by the order in which
     their layers appear, each graph on its own."""
     first, last = set(), set()
     by_owner: Dict[str, List[WeightUse]] = {}
-    for u in uses:
+    name_of = {u.node: name for name, group in layers.items() for u in group}
+    for u in (u for group in layers.values() for u in group):
         by_owner.setdefault(u.owner, []).append(u)
     owners = list(by_owner)
     for i, owner in enumerate(owners):
@@ -143,7 +157,7 @@ def _positions(gm: fx.GraphModule, uses: Sequence[WeightUse]) -> Tuple[set, set]
             dag.add_node(n)
             for inp in n.all_input_nodes:
                 dag.add_edge(inp, n)
-        layer_of = {u.node: _layer_name(u) for u in by_owner[owner]}
+        layer_of = {u.node: name_of[u.node] for u in by_owner[owner]}
         up, down = _reach(dag, layer_of, index)
         for node, name in layer_of.items():
             # Only the first graph's heads are the model's first, only the last graph's tails its last.
@@ -166,24 +180,23 @@ def _reach(dag: nx.DiGraph, layer_of: Dict[fx.Node, str], index) -> Tuple[Dict, 
     return up, down
 
 
-def _shared_weights(gm: fx.GraphModule, uses: Sequence[WeightUse]) -> Dict[str, str]:
-    """weight_target -> why it cannot be masked: used by something other than a
-    weight use, or the same tensor reachable under another name (tied weights)."""
-    reasons: Dict[str, str] = {}
-    by_id: Dict[int, List[str]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    for u in uses:
-        aliases = [n for n in by_id.get(id(gm.get_parameter(u.weight_target)), []) if n != u.weight_target]
-        if aliases:
-            reasons[u.weight_target] = f"weight shared with {aliases[0]} (tied weights)"
-            continue
-        if u.weight_node is not None:
-            user_ok = {v.weight_user for v in uses if v.weight_node is u.weight_node}
-            others = [x for x in u.weight_node.users if x not in user_ok]
-            if others:
-                reasons[u.weight_target] = f"weight also used by {others[0].name} (shared weight)"
-    return reasons
+def _others(group: Sequence[WeightUse], readers: Sequence[WeightReader]) -> Tuple[WeightReader, ...]:
+    """The readers of a layer's weight other than its own module (a module applying its
+    weight twice is one layer; two modules sharing one weight are tied)."""
+    first = group[0]
+    own = (first.module_name, "linear^T" if first.transposed else first.op)
+    return tuple(r for r in readers if (r.module_name, r.kind) != own)
+
+
+def _shared_reason(others: Sequence[WeightReader]) -> Optional[str]:
+    """Why a weight read elsewhere stays dense (masking one use and baking changes the others)."""
+    if not others:
+        return None
+    embedding = next((r for r in others if r.kind == "embedding"), None)
+    if embedding is not None:
+        return (f"weight tied to the input embedding {embedding.label} (tied LM head): "
+                f"pruning it would change the embedding too")
+    return f"weight shared with {others[0].label} ({others[0].kind}; tied weights): pruning one use would change the other"
 
 
 # ---- rules ----------------------------------------------------------------------------
@@ -246,7 +259,7 @@ def _check_rules(rules, layers: Dict[str, List[WeightUse]], first, last) -> None
         raise SelectError(f"targets.rules[{index}]: match {{{desc}}} matches no layer{hint}")
 
 
-def _decide(gm, name, use: WeightUse, group, order, targets, is_first, is_last, shared) -> TargetInfo:
+def _decide(gm, name, use: WeightUse, group, order, targets, is_first, is_last, others) -> TargetInfo:
     d = targets.defaults
     block, sparsity, min_blocks = tuple(d.block), float(d.sparsity), int(d.min_blocks)
     rule_index, skip = None, None
@@ -260,13 +273,13 @@ def _decide(gm, name, use: WeightUse, group, order, targets, is_first, is_last, 
                 skip = f"skipped by targets.rules[{rule_index}]"
             break
     shape = tuple(gm.get_parameter(use.weight_target).shape)
-    view = BlockView(shape, block)
-    if skip is None and len({u.op for u in group}) > 1:
-        skip = "weight applied both as a linear map and as a convolution"
+    view = BlockView(shape, block, use.transposed)
+    if skip is None and len({(u.op, u.transposed) for u in group}) > 1:
+        skip = "weight applied in two ways (linear map, transposed linear map or convolution)"
     if skip is None and use.op == "conv2d" and use.groups != 1:
         skip = f"grouped convolution (groups={use.groups}): its weight is not one matrix product"
-    if skip is None and shared:
-        skip = shared
+    if skip is None and others:
+        skip = _shared_reason(others)
     if skip is None and sparsity <= 0:
         skip = "target sparsity 0"
     if skip is None and view.num_blocks < min_blocks:
@@ -274,4 +287,5 @@ def _decide(gm, name, use: WeightUse, group, order, targets, is_first, is_last, 
     return TargetInfo(name=name, op=use.op, module_type=use.module_type, weight_shape=shape,
                       weight_target=use.weight_target, block=block, sparsity=sparsity, min_blocks=min_blocks,
                       grid=view.grid, num_blocks=view.num_blocks, rule=rule_index, skip_reason=skip, order=order,
-                      module_name=use.module_name, bias_target=use.bias_target)
+                      module_name=use.module_name, bias_target=use.bias_target, transposed=use.transposed,
+                      shared_with=others)

@@ -16,13 +16,22 @@ Train and eval mode. `ExportedProgram.module()` refuses `.train()`/`.eval()` (to
 raises NotImplementedError) and bakes the mode it was exported in into the graph:
 `aten.dropout(x, p, True)`, `aten.batch_norm(..., training=True, ...)` plus an
 `add_` on num_batches_tracked, `scaled_dot_product_attention(..., dropout_p)` (transformers
-picks dropout_p from self.training). So this pass exports in *train* mode — where every
-mode-dependent op is present — and rewrites those ops into small modules under
-`planc_modes` that read `self.training`, then returns a plain GraphModule (train/eval
-work, the mode of the original model is kept). With `check=True` (default) the traced
-module is run against the original on the example inputs in eval mode and, with one RNG
-seed, in train mode (buffers restored afterwards); a mismatch — mode-dependent Python
-control flow this rewrite cannot see — is a TraceError (and `auto` moves on).
+picks dropout_p from self.training), and every other op with a `train`/`training` flag:
+the in-place forms (`dropout_`, `alpha_dropout_`, `feature_dropout_`,
+`feature_alpha_dropout_`, which `nn.Dropout(inplace=True)` records), `native_dropout`,
+`rrelu`, `lstm`/`gru`/`rnn_*` with dropout, `instance_norm` with running statistics. So
+this pass exports in *train* mode — where every mode-dependent op is present — and
+rewrites those ops into small modules under `planc_modes` that read `self.training`
+(found through the op's schema, so a variant no table lists is not missed), then returns
+a plain GraphModule (train/eval work, the mode of the original model is kept).
+
+With `check=True` (default) the traced module is run against the original on the
+example inputs in eval mode and, with one RNG seed, in train mode (buffers restored
+afterwards), comparing with a tolerance relative to the output's magnitude (an absolute
+one passes anything on a model whose outputs are 1e-9); two eval-mode forwards of the
+trace with different seeds must agree exactly (a random op left on in eval mode). A
+mismatch is a TraceError (and `auto` moves on). A model whose output holds a KV cache
+(transformers' DynamicCache) cannot be exported: the error says to set use_cache=False.
 
 Parameters and buffers are shared with the original model, as symbolic_trace and
 torch.export both do: the passes after this one rewrite the graph, not the model.
@@ -49,30 +58,36 @@ from .nodes import weight_uses
 FRONTENDS = ("export", "symbolic", "auto")
 aten = torch.ops.aten
 
-# ops whose signature is (input, p, train) and that export records with train baked in
-_DROPOUTS = {
-    aten.dropout.default: "dropout",
-    aten.feature_dropout.default: "feature_dropout",
-    aten.alpha_dropout.default: "alpha_dropout",
-    aten.feature_alpha_dropout.default: "feature_alpha_dropout",
-}
-_CHECK_RTOL, _CHECK_ATOL = 1e-4, 1e-5
+# Bool arguments by which an op takes the module's mode; export records them as constants.
+_MODE_FLAGS = ("train", "training")
+# instance_norm's flag follows the mode only when running statistics are tracked
+# (InstanceNorm: use_input_stats = training or not track_running_stats).
+_STATS_FLAG = "use_input_stats"
+# The check's tolerance: max |trace - model| over the largest magnitude of either output,
+# at least a few units in the last place of the output's dtype.
+_CHECK_RTOL = 1e-5
 
 
 # ---- the modules that make an exported graph follow .train()/.eval() -----------------
 
-class TrainDropout(nn.Module):
-    """An exported dropout op that follows the module's mode."""
+class TrainFlagOp(nn.Module):
+    """An exported op whose train flag export baked in as True (dropout and its in-place
+    and feature/alpha variants, native_dropout, rrelu, lstm/gru dropout, ...), called with
+    the flag set from the module's mode instead. Takes the op's arguments as they were."""
 
-    def __init__(self, kind: str, p: float):
+    def __init__(self, op, flag: str, index: int):
         super().__init__()
-        self.kind, self.p = kind, float(p)
+        self.op, self.flag, self.index = op, flag, index
 
-    def forward(self, x):
-        return getattr(torch.ops.aten, self.kind).default(x, self.p, self.training)
+    def forward(self, *args, **kwargs):
+        if self.flag in kwargs or len(args) <= self.index:
+            kwargs[self.flag] = self.training
+        else:
+            args = args[:self.index] + (self.training,) + args[self.index + 1:]
+        return self.op(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, p={self.p}"
+        return f"{self.op}, {self.flag}=self.training"
 
 
 class TrainBatchNorm(nn.Module):
@@ -173,6 +188,9 @@ def _export(model, args, kwargs, dynamic, dynamic_shapes) -> fx.GraphModule:
     try:
         with _torch_output_held():
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception:
+        _refuse_cache_output(model, args, kwargs)   # the likeliest cause on a decoder: say what to set
+        raise
     finally:
         model.train(was_training)
     em = ep.module()
@@ -181,6 +199,24 @@ def _export(model, args, kwargs, dynamic, dynamic_shapes) -> fx.GraphModule:
     _follow_mode(gm)
     gm.train(was_training)
     return gm
+
+
+def _refuse_cache_output(model: nn.Module, args, kwargs) -> None:
+    """TraceError when the model's output holds a KV cache (transformers' DynamicCache and
+    its kin): torch.export cannot return one, and a pruning trace has no use for it. Runs
+    one eval-mode forward (no buffer moves), only after export has failed."""
+    was_training = model.training
+    try:
+        out = _run(model.eval(), args, kwargs)
+    except Exception:
+        return                          # the model cannot run these inputs: export's own error says more
+    finally:
+        model.train(was_training)
+    for leaf in pytree.tree_leaves(out):
+        if any(cls.__name__.endswith("Cache") for cls in type(leaf).__mro__):
+            how = " (config.use_cache = False)" if hasattr(getattr(model, "config", None), "use_cache") else ""
+            raise TraceError(f"export: model output holds a KV cache ({type(leaf).__name__}); "
+                             f"build the model with use_cache=False{how}")
 
 
 class _Held(logging.Handler):
@@ -272,9 +308,7 @@ def _follow_mode(gm: fx.GraphModule) -> bool:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _DROPOUTS and _arg(node, 2, "train", False) is True:
-            swap(node, TrainDropout(_DROPOUTS[node.target], _arg(node, 1, "p")), [node.args[0]])
-        elif node.target is aten.batch_norm.default and _arg(node, 5, "training") is True:
+        if node.target is aten.batch_norm.default and _arg(node, 5, "training") is True:
             running_mean = _arg(node, 3, "running_mean")
             if running_mean is None:
                 continue                 # no running stats: batch statistics in both modes
@@ -289,11 +323,32 @@ def _follow_mode(gm: fx.GraphModule) -> bool:
             kwargs = {"is_causal": _arg(node, 5, "is_causal", False), "scale": node.kwargs.get("scale"),
                       "enable_gqa": node.kwargs.get("enable_gqa", False)}
             swap(node, TrainSDPA(_arg(node, 4, "dropout_p")), [q, k, v, mask], kwargs)
+        else:
+            flag = _mode_flag(node)
+            if flag is not None:
+                swap(node, TrainFlagOp(node.target, *flag), node.args, dict(node.kwargs))
     if not count:
         delattr(gm, "planc_modes")
     graph.lint()
     gm.recompile()
     return changed
+
+
+def _mode_flag(node: fx.Node) -> Optional[Tuple[str, int]]:
+    """(name, position) of the op's train flag when export recorded it as True, else None."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return None
+    names = [a.name for a in schema.arguments]
+    for index, arg in enumerate(schema.arguments):
+        if "bool" not in str(arg.type).lower() or _arg(node, index, arg.name) is not True:
+            continue
+        if arg.name in _MODE_FLAGS:
+            return arg.name, index
+        if arg.name == _STATS_FLAG and "running_mean" in names:
+            if _arg(node, names.index("running_mean"), "running_mean") is not None:
+                return arg.name, index
+    return None
 
 
 def _num_batches_tracked(graph: fx.Graph, running_mean) -> Tuple[Optional[fx.Node], Optional[fx.Node]]:
@@ -393,7 +448,8 @@ def _submodules(model: nn.Module, leaves: Sequence[Any]) -> fx.GraphModule:
 # ---- checks -----------------------------------------------------------------------------
 
 def _check(model: nn.Module, gm: fx.GraphModule, args, kwargs, how: str) -> None:
-    """The trace must compute what the model computes, in eval and in train mode."""
+    """The trace must compute what the model computes, in eval and in train mode, and
+    be deterministic in eval mode whenever the model is."""
     buffers = [(b, b.detach().clone()) for b in _unique(list(model.buffers()) + list(gm.buffers()))]
     was = model.training, gm.training
     try:
@@ -407,16 +463,9 @@ def _check(model: nn.Module, gm: fx.GraphModule, args, kwargs, how: str) -> None
                     continue     # the model itself cannot run this input in train mode
                 raise
             out = _run(gm, args, kwargs)
-            ref_leaves, ref_spec = pytree.tree_flatten(ref)
-            out_leaves, out_spec = pytree.tree_flatten(out)
-            if len(ref_leaves) != len(out_leaves):
-                raise TraceError(f"{how}: the trace returns {len(out_leaves)} outputs, the model {len(ref_leaves)}")
-            for a, b in zip(ref_leaves, out_leaves):
-                if isinstance(a, torch.Tensor) and (not isinstance(b, torch.Tensor) or a.shape != b.shape
-                                                   or not torch.allclose(a.float(), b.float(), _CHECK_RTOL, _CHECK_ATOL, equal_nan=True)):
-                    diff = (a.float() - b.float()).abs().max().item() if isinstance(b, torch.Tensor) and a.shape == b.shape else "shape"
-                    raise TraceError(f"{how}: the trace differs from the model in {'train' if mode else 'eval'} mode "
-                                     f"(max abs difference {diff}); mode-dependent control flow?")
+            _compare(ref, out, f"{how}: the trace differs from the model in {'train' if mode else 'eval'} mode")
+            if not mode:
+                _check_deterministic(model, gm, out, args, kwargs, how)
     finally:
         with torch.no_grad():
             for b, saved in buffers:
@@ -425,9 +474,71 @@ def _check(model: nn.Module, gm: fx.GraphModule, args, kwargs, how: str) -> None
         gm.train(was[1])
 
 
-def _run(module, args, kwargs):
+def _compare(ref, out, what: str) -> None:
+    """TraceError unless every tensor of `out` matches `ref` within _CHECK_RTOL relative
+    to the larger magnitude of the two (integers and bools exactly)."""
+    ref_leaves, _ = pytree.tree_flatten(ref)
+    out_leaves, _ = pytree.tree_flatten(out)
+    if len(ref_leaves) != len(out_leaves):
+        raise TraceError(f"{what}: it returns {len(out_leaves)} outputs, the model {len(ref_leaves)}")
+    for k, (a, b) in enumerate(zip(ref_leaves, out_leaves)):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise TraceError(f"{what}: output {k} is {got}, expected shape {tuple(a.shape)}")
+        err = relative_error(a, b)
+        if err > _tolerance(a.dtype):
+            raise TraceError(f"{what}: output {k} has relative error {err:.3g} (tolerance {_tolerance(a.dtype):.1g}; "
+                             f"Python control flow on self.training, or an op planc cannot switch between modes?)")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(max |a|, max |b|) over finite entries: 0 for equal tensors (NaNs
+    or infinities in the same places count as equal), 1 when one is all zeros and the
+    other is not, inf for misplaced NaNs or infinities."""
+    if not (a.is_floating_point() or a.is_complex()):
+        return 0.0 if torch.equal(a, b) else float("inf")
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    a, b = a.detach().to(wide), b.detach().to(wide)
+    nan_a, nan_b = a.isnan(), b.isnan()
+    if not torch.equal(nan_a, nan_b):
+        return float("inf")
+    a, b = a.masked_fill(nan_a, 0), b.masked_fill(nan_b, 0)
+    if a.numel() == 0:
+        return 0.0
+    diff = float((a - b).abs().masked_fill(a == b, 0).max())     # equal infinities are equal
+    if diff == 0:
+        return 0.0
+    finite = lambda t: t.abs().masked_fill(~t.isfinite(), 0).max()  # noqa: E731
+    scale = float(torch.maximum(finite(a), finite(b)))
+    return diff / scale if scale > 0 else float("inf")
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return max(_CHECK_RTOL, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point or dtype.is_complex else 0.0
+
+
+def _check_deterministic(model, gm, out, args, kwargs, how: str) -> None:
+    """A second eval-mode forward with another seed gives the same output, unless the
+    model itself is random in eval mode (then the trace only has to match it per seed)."""
+    if _same(out, _run(gm, args, kwargs, seed=1)):
+        return
+    if _same(_run(model, args, kwargs), _run(model, args, kwargs, seed=1)):
+        raise TraceError(f"{how}: two eval-mode forwards of the trace differ, the model's do not "
+                         f"(a random op such as dropout still active in eval mode)")
+
+
+def _same(x, y) -> bool:
+    xs, _ = pytree.tree_flatten(x)
+    ys, _ = pytree.tree_flatten(y)
+    return len(xs) == len(ys) and all(not isinstance(a, torch.Tensor) or (isinstance(b, torch.Tensor) and a.shape == b.shape
+                                                                        and torch.equal(a, b)) for a, b in zip(xs, ys))
+
+
+def _run(module, args, kwargs, seed: int = 0):
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return module(*args, **kwargs)
 
 

@@ -349,7 +349,7 @@ def pack(named: Dict[str, torch.Tensor], views: Dict[str, BlockView]) -> Tuple[D
 
 def view_record(view) -> dict:
     return {"weight_shape": list(view.weight_shape), "block": list(view.block),
-            "transposed": bool(getattr(view, "transposed", False))}
+            "transposed": bool(view.transposed)}
 
 
 def unpack(stored: Dict[str, torch.Tensor], meta: Any, names: Sequence[str] = None) -> Dict[str, torch.Tensor]:
@@ -386,11 +386,10 @@ def _stored(stored: Dict[str, torch.Tensor], key: Any, name: str) -> torch.Tenso
 def _from_bsr(stored, parts: dict, record: dict, name: str) -> torch.Tensor:
     values, crow, col = (_stored(stored, parts.get(k), name) for k in ("values", "crow", "col"))
     try:
-        fields = {"weight_shape": tuple(int(v) for v in record["weight_shape"]),
-                  "block": tuple(int(v) for v in record["block"])}
-        if record.get("transposed"):
-            fields["transposed"] = True
-        view = BlockView(**fields)
+        if not isinstance(record.get("transposed", False), bool):
+            raise ValueError("transposed must be true or false")
+        view = BlockView(tuple(int(v) for v in record["weight_shape"]), tuple(int(v) for v in record["block"]),
+                         record.get("transposed", False))
         (gr, gc), nnz = view.grid, int(values.shape[0]) if values.dim() == 3 else -1
         ok = (tuple(values.shape[1:]) == view.block and crow.dtype == col.dtype == torch.int64
               and tuple(crow.shape) == (gr + 1,) and tuple(col.shape) == (nnz,) and int(crow[0]) == 0

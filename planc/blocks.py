@@ -3,7 +3,10 @@
 A Linear weight (out, in) is the matrix R×C = out×in. A Conv2d weight (out, in, kh, kw)
 is viewed as (out, kh·kw·in) with the input channel fastest — `permute(0, 2, 3, 1)` —
 so that a block is a set of input channels at one kernel tap, and the column order is
-that of a channels-last im2col. With block (r, c) the grid is (ceil(R/r), ceil(C/c));
+that of a channels-last im2col. A transposed linear (GPT-2's Conv1D: weight stored
+(in, out), applied as `x @ W`) is viewed as W.T, its true (out, in) matrix, so a block
+(r, c) always means r output features × c input features, whatever the storage.
+With block (r, c) the grid is (ceil(R/r), ceil(C/c));
 edge blocks may be partial. Everything else in planc (masks, methods, kernels, reports)
 goes through a BlockView rather than reshaping weights by hand.
 """
@@ -19,12 +22,15 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class BlockView:
-    weight_shape: Tuple[int, ...]   # (out, in) or (out, in, kh, kw)
+    weight_shape: Tuple[int, ...]   # as stored: (out, in), (in, out) if transposed, or (out, in, kh, kw)
     block: Tuple[int, int]          # (r, c) rows × columns of the matrix view
+    transposed: bool = False        # a 2-D weight stored (in, out) (Conv1D-style linear)
 
     def __post_init__(self):
         if len(self.weight_shape) not in (2, 4):
             raise ValueError(f"expected a 2-D (Linear) or 4-D (Conv2d) weight shape, got {tuple(self.weight_shape)}")
+        if self.transposed and len(self.weight_shape) != 2:
+            raise ValueError(f"expected a 2-D weight for a transposed linear, got {tuple(self.weight_shape)}")
         if len(self.block) != 2 or any(int(b) <= 0 for b in self.block):
             raise ValueError(f"expected a block of two positive integers, got {list(self.block)}")
 
@@ -38,6 +44,8 @@ class BlockView:
         if self.is_conv:
             out, cin, kh, kw = self.weight_shape
             return out, kh * kw * cin
+        if self.transposed:
+            return self.weight_shape[1], self.weight_shape[0]
         return tuple(self.weight_shape)  # type: ignore[return-value]
 
     @property
@@ -56,9 +64,11 @@ class BlockView:
         return gr * r, gc * c
 
     def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """(out, in[, kh, kw]) -> (R, C). A view for Linear, a copy for Conv2d."""
+        """The stored weight -> (R, C). A view for Linear (transposed or not), a copy for Conv2d."""
         self._check(weight)
-        return weight.permute(0, 2, 3, 1).flatten(1) if self.is_conv else weight
+        if self.is_conv:
+            return weight.permute(0, 2, 3, 1).flatten(1)
+        return weight.t() if self.transposed else weight
 
     def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
         """(R, C) -> the weight's own shape (inverse of to_matrix)."""
@@ -67,7 +77,7 @@ class BlockView:
         if self.is_conv:
             out, cin, kh, kw = self.weight_shape
             return matrix.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
-        return matrix
+        return matrix.t() if self.transposed else matrix
 
     # ---- blocks ------------------------------------------------------------------
     def to_blocks(self, weight: torch.Tensor) -> torch.Tensor:

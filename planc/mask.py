@@ -39,13 +39,14 @@ class BlockMask(nn.Module):
         clip: Optional[Tuple[float, float]] = None,
         alpha: float = 2.0,
         granularity: str = "block",
+        transposed: bool = False,
     ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"expected mode in {MODES}, got {mode!r}")
         if granularity not in ("block", "element"):
             raise ValueError(f"expected granularity 'block' or 'element', got {granularity!r}")
-        self.view = BlockView(tuple(int(s) for s in weight_shape), (int(block[0]), int(block[1])))
+        self.view = BlockView(tuple(int(s) for s in weight_shape), (int(block[0]), int(block[1])), bool(transposed))
         self.mode = mode
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
         self.alpha = float(alpha)
@@ -95,5 +96,6 @@ class BlockMask(nn.Module):
 
     def extra_repr(self) -> str:
         gr, gc = self.view.grid
-        return (f"mode={self.mode}, weight={tuple(self.view.weight_shape)}, block={self.view.block}, "
+        stored = " stored (in, out)" if self.view.transposed else ""
+        return (f"mode={self.mode}, weight={tuple(self.view.weight_shape)}{stored}, block={self.view.block}, "
                 f"grid={gr}x{gc}, alive={int(self.alive.sum())}/{self.num_blocks}")

@@ -103,23 +103,34 @@ class Pruned(RuntimeAccess):
         return f"Pruned({type(self.module).__name__}: {len(self.masks)} masked of {len(self.targets)} layers)"
 
 
+TRANSPOSED_NOTE = ("linear^T: a transposed (Conv1D-style) linear, weight stored (in, out) and applied as x @ W; "
+                   "its block and grid are in (out, in) orientation like every linear")
+
+
 def layer_table(targets, masks: Optional[Dict[str, Any]] = None) -> str:
     """name, op, weight shape, block, grid, blocks, target sparsity, blocks kept at the
-    target, the deciding rule or the skip reason; with `masks`, also the blocks alive now."""
+    target, the deciding rule or the skip reason; with `masks`, also the blocks alive now.
+    A shared (tied) weight gets one more row for each of its other uses."""
     head = ["layer", "op", "weight", "block", "grid", "blocks", "sparsity", "kept"]
     if masks is not None:
         head.append("alive")
     head.append("rule / skip reason")
     rows = []
     for t in targets:
-        row = [t.name, t.op, "x".join(map(str, t.weight_shape)), "x".join(map(str, t.block)),
+        shape = "x".join(map(str, t.weight_shape))
+        row = [t.name, "linear^T" if t.transposed else t.op, shape, "x".join(map(str, t.block)),
                "x".join(map(str, t.grid)), str(t.num_blocks), f"{t.sparsity:.2f}" if t.targeted else "-",
                str(t.blocks_kept)]
         if masks is not None:
             row.append(str(int(masks[t.name].alive.sum())) if t.name in masks else "-")
         row.append(t.skip_reason if t.skip_reason else (f"rules[{t.rule}]" if t.rule is not None else "defaults"))
         rows.append(row)
+        for reader in t.shared_with:        # every use of a tied weight is listed
+            rows.append([f"  also {reader.label}", reader.kind, shape] + ["-"] * (len(head) - 4)
+                        + [f"same weight as {t.name}"])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(t.transposed for t in targets):
+        lines.append(TRANSPOSED_NOTE)
     return "\n".join(lines)

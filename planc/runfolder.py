@@ -404,7 +404,7 @@ def _layer_view(path: str, name: str, info: Any) -> BlockView:
         raise RunFolderError(f"{path}: layer {name!r}: expected param as a name")
     if not isinstance(info.get("transposed", False), bool):
         raise RunFolderError(f"{path}: layer {name!r}: expected transposed as true or false")
-    return BlockView(shape, block, **({"transposed": True} if info.get("transposed") else {}))
+    return BlockView(shape, block, info.get("transposed", False))
 
 
 def _check_masks(run_dir: str, tensors: _Tensors) -> Dict[str, torch.Tensor]:

@@ -35,6 +35,22 @@ class Functional(nn.Module):
         return self.out(h) + c[:, :3]
 
 
+class Conv1DStyle(nn.Module):
+    """GPT-2's Conv1D: the weight stored (in, out), applied as addmm(b, x, W); and
+    Falcon's x @ W.T as a matmul."""
+
+    def __init__(self, n_in=8, n_out=12):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.randn(n_out))
+        self.proj = nn.Parameter(torch.randn(n_out, n_out))     # stored (out, in)
+
+    def forward(self, x):
+        h = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+        return torch.matmul(h, self.proj.t())
+
+
+
 def outputs(x):
     leaves, _ = pytree.tree_flatten(x)
     return [t for t in leaves if isinstance(t, torch.Tensor)]

@@ -64,6 +64,15 @@ SOURCE = textwrap.dedent('''
 
     def boom():
         raise RuntimeError("factory exploded")
+
+
+    def gpt2(use_cache=False):           # tiny, random init; transformers' default keeps a KV cache
+        import transformers
+
+        cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+        if not use_cache:
+            cfg.use_cache = False
+        return transformers.GPT2LMHeadModel(cfg)
 ''')
 
 
@@ -234,3 +243,35 @@ def test_subprocess_trace_failure_prints_one_line(tmp_path, factory, inputs):
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1, proc.stderr[-2000:]
+
+
+# ---- decoder LLMs through the CLI -------------------------------------------------------------
+def gpt2_plan(tmp_path, use_cache: bool) -> str:
+    text = plan_text("gpt2", inputs=(2, 8)).replace(
+        "example_inputs: [[2, 8]]", f"example_inputs: [[2, 8]], input_dtype: int64, kwargs: {{use_cache: {str(use_cache).lower()}}}")
+    return write(tmp_path, f"gpt2-{use_cache}", text)
+
+
+def test_cli_gpt2_with_its_kv_cache_is_one_line_saying_what_to_set(models, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    path = gpt2_plan(tmp_path, use_cache=True)
+    for argv in (["explain", path], ["apply", path, "--out", str(tmp_path / "run")]):
+        code, lines = cli(argv, capsys)
+        assert code == 1 and len(lines) == 1, (argv, lines)
+        assert lines[0].endswith("model output holds a KV cache (DynamicCache); "
+                                 "build the model with use_cache=False (config.use_cache = False)"), lines[0]
+
+
+def test_cli_explain_gpt2_lists_conv1d_layers_and_both_uses_of_the_tied_head(models, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert main(["explain", gpt2_plan(tmp_path, use_cache=False)]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("transformer.h.0.") or ln.startswith("lm_head")}
+    assert set(rows) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                         "transformer.h.0.mlp.c_proj", "lm_head"}
+    assert all(rows[n].split()[1] == "linear^T" for n in rows if n != "lm_head")
+    assert rows["transformer.h.0.attn.c_attn"].split()[2:5] == ["32x96", "8x8", "12x4"]   # stored (in, out); grid (out, in)
+    assert "weight tied to the input embedding transformer.wte" in rows["lm_head"]
+    also = [ln.split() for ln in out.splitlines() if ln.strip().startswith("also ")]
+    assert [a[:3] for a in also] == [["also", "transformer.wte", "embedding"]]
+    assert "transposed (Conv1D-style) linear" in out

@@ -5,13 +5,16 @@ import pytest
 import torch
 from torch import fx
 
+import planc
 from planc import meta
 from planc.examples.digits import cnn, mlp
 from planc.mask import BlockMask
 from planc.passes import bake, insert_masks, masks_of, select, targets_of, trace
 from planc.passes.insert_masks import mask_for
+from planc.passes.lower import report
+from planc.passes.trace import relative_error
 
-from _passes_helpers import Functional, max_diff, plan, prune_half, run, skip_last
+from _passes_helpers import Conv1DStyle, Functional, max_diff, plan, prune_half, run, skip_last
 
 
 def _masked(model, p, frontend=None, inputs=None):
@@ -118,3 +121,41 @@ def test_bake_of_a_shared_weight_folds_once():
     expected = gm(x)
     baked, _ = bake(gm)
     assert max_diff(baked(x), expected) <= 1e-6
+
+
+def test_transposed_linear_blocks_are_out_by_in_through_mask_bake_and_lower():
+    # a block (r, c) is r output features x c input features, whatever the storage
+    model = Conv1DStyle(n_in=8, n_out=12).eval()
+    x = torch.randn(2, 3, 8)
+    pruned = planc.compile(model, plan(block=(4, 2), sparsity=0.5), (x,))
+    info = {t.name: t for t in pruned.targets}["weight"]
+    assert (info.transposed, info.weight_shape, info.grid) == (True, (8, 12), (3, 4))
+    assert "linear^T" in pruned.table() and "Conv1D-style" in pruned.table()
+    mask = pruned.masks["weight"]
+    with torch.no_grad():
+        mask.alive.fill_(True)
+        mask.alive[0, 1] = False                            # outputs 0..3, inputs 2..3
+    baked = pruned.bake().eval()
+    w = baked.get_parameter("weight")                        # stored (in, out)
+    assert torch.count_nonzero(w[2:4, 0:4]) == 0 and torch.count_nonzero(w) == w.numel() - 8
+    assert relative_error(run(pruned.module, x), run(baked, x)) <= 1e-6
+    lowered = planc.lower(baked, backend="cpu", min_speedup=0)
+    assert {r["layer"]: (r["action"], r["shape"]) for r in report(lowered)}["weight"] == ("lowered", (12, 8))
+    assert relative_error(run(baked, x), run(lowered, x)) <= 1e-5
+
+
+def test_a_run_folder_with_a_transposed_layer_reads_back(tmp_path):
+    from planc import runfolder
+
+    model = Conv1DStyle(n_in=8, n_out=12).eval()
+    plan_data = {"version": 1, "name": "conv1d", "model": {"example_inputs": [[2, 3, 8]]},
+                 "targets": {"defaults": {"block": [4, 2], "sparsity": 0.5, "min_blocks": 1}},
+                 "method": {"name": "magnitude"}, "schedule": {"phases": [{"phase": "dense", "steps": 1}]},
+                 "train": {"steps": 1}}
+    pruned = planc.compile(model, plan_data)
+    prune_half(pruned.masks)
+    baked = pruned.bake()
+    runfolder.write(str(tmp_path), pruned.plan, pruned, baked, {"format": runfolder.REPORT_FORMAT}, [])
+    run_back = runfolder.read(str(tmp_path), model=Conv1DStyle(n_in=8, n_out=12))
+    assert torch.equal(run_back.masks["weight"], pruned.masks["weight"].alive)
+    assert torch.equal(run_back.model.weight, baked.get_parameter("weight"))

@@ -6,7 +6,7 @@ from torch import fx, nn
 from planc.examples.digits import cnn
 from planc.passes import trace, weight_uses
 
-from _passes_helpers import Functional
+from _passes_helpers import Conv1DStyle, Functional
 
 
 def test_symbolic_graph_call_module_and_functional():
@@ -50,3 +50,14 @@ def test_non_parameter_weights_and_conv1d_are_not_uses():
             return F.linear(x, self.w), self.c1(y)
 
     assert weight_uses(fx.symbolic_trace(M())) == []
+
+
+def test_transposed_linear_maps_are_uses():
+    gm = trace(Conv1DStyle(), (torch.randn(2, 3, 8),))
+    uses = {u.weight_target: u for u in weight_uses(gm)}
+    assert set(uses) == {"weight", "proj"}
+    conv1d, proj = uses["weight"], uses["proj"]
+    assert (conv1d.op, conv1d.transposed, conv1d.bias_target) == ("linear", True, "bias")
+    assert conv1d.node.target is torch.ops.aten.addmm.default and conv1d.weight_user is conv1d.node
+    assert (proj.op, proj.transposed) == ("linear", False) and proj.node.target is torch.ops.aten.matmul.default
+    assert proj.weight_user is not proj.node                   # the mask goes before the transpose

@@ -1,6 +1,7 @@
 """select: rules (first match wins), positions, skip reasons, errors, changed flag."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from planc import meta
@@ -8,6 +9,7 @@ from planc.errors import SelectError
 from planc.examples.digits import mlp
 from planc.passes import select, targets_of, trace
 from planc.plan.types import Match
+from planc.pruned import layer_table
 
 from _passes_helpers import Functional, plan
 
@@ -132,3 +134,57 @@ def test_tied_weights_are_skipped():
     gm, _ = select(fx.symbolic_trace(Tied()), plan(block=(2, 2)))
     t = {x.name: x for x in targets_of(gm)}
     assert "tied" in t["enc"].skip_reason and t["head"].targeted
+
+
+class TiedHead(nn.Module):
+    """A tiny LM whose head shares the input embedding's weight, tied the way `how` says:
+    'alias' (transformers: lm_head.weight = embed.weight, two names), 'direct'
+    (F.linear(h, self.embed.weight), one name read twice)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed = nn.Embedding(40, 16)
+        self.body = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 40, bias=False)
+        if how == "alias":
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.body(self.embed(ids)).relu()
+        return self.lm_head(h) if self.how == "alias" else F.linear(h, self.embed.weight)
+
+
+@pytest.mark.parametrize("how", ["alias", "direct"])
+@pytest.mark.parametrize("frontend", ["export", "symbolic"])
+def test_a_head_tied_to_the_input_embedding_is_skipped_however_it_is_tied(how, frontend):
+    model, ids = TiedHead(how), torch.randint(0, 40, (2, 5))
+    gm = trace(model, (ids,), frontend=frontend)
+    gm, _ = select(gm, plan(block=(4, 4)))
+    t = {x.name: x for x in targets_of(gm)}
+    head = t["lm_head" if how == "alias" and frontend == "symbolic" else
+             next(n for n in t if n != "body")]
+    assert t["body"].targeted and not head.targeted
+    assert head.skip_reason.startswith("weight tied to the input embedding embed (tied LM head)")
+    assert [(r.module_name, r.kind) for r in head.shared_with] == [("embed", "embedding")]
+    table = layer_table(targets_of(gm))
+    assert "also embed" in table and "same weight as" in table      # each use has a row
+
+
+@pytest.mark.parametrize("frontend", ["export", "symbolic"])
+def test_every_use_of_a_shared_weight_is_in_the_table(frontend):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.head(self.dec(self.enc(x)))
+
+    gm, _ = select(trace(Tied(), (torch.randn(2, 8),), frontend=frontend), plan(block=(2, 2)))
+    t = {x.name: x for x in targets_of(gm)}
+    assert list(t) == ["enc", "head"]                    # one layer per Parameter, named by its first user
+    assert t["enc"].skip_reason.startswith("weight shared with dec (linear; tied weights)") and t["head"].targeted
+    rows = [r.split() for r in layer_table(targets_of(gm)).splitlines()[2:]]
+    assert [r[:3] for r in rows[:2]] == [["enc", "linear", "8x8"], ["also", "dec", "linear"]]

@@ -1,12 +1,13 @@
 """trace: frontends, train/eval behaviour of exported graphs, batch sizes, errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from planc.errors import TraceError
 from planc.examples.digits import cnn, mlp
 from planc.passes import trace, weight_uses
-from planc.passes.trace import TrainBatchNorm, TrainDropout
+from planc.passes.trace import TrainBatchNorm, TrainFlagOp, _check, relative_error
 
 from _passes_helpers import max_diff, run
 
@@ -39,7 +40,7 @@ def test_export_cnn_batchnorm_follows_train_and_eval():
 def test_export_dropout_follows_the_mode():
     model = mlp(hidden=32, dropout=0.5).eval()
     gm = trace(model, (torch.randn(4, 64),))
-    assert not gm.training and sum(isinstance(m, TrainDropout) for m in gm.modules()) == 2
+    assert not gm.training and sum(isinstance(m, TrainFlagOp) for m in gm.modules()) == 2
     x = torch.randn(7, 64)
     _both_modes_equal(model, gm, x)
     gm.train()
@@ -157,3 +158,105 @@ def test_a_strided_example_input_gives_a_graph_that_runs():
     x = torch.randn(5, 64)
     torch.testing.assert_close(gm(x), gm(x.clone()))
     assert gm(x).shape == (5, 10)
+
+
+def test_inplace_dropout_follows_the_mode():
+    # nn.Dropout(inplace=True) exports as aten.dropout_: it used to stay on in eval mode
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5, inplace=True), nn.Linear(16, 4)).eval()
+    gm = trace(model, (torch.randn(4, 8),))
+    assert [m.op for m in gm.modules() if isinstance(m, TrainFlagOp)] == [torch.ops.aten.dropout_.default]
+    x = torch.randn(5, 8)
+    assert torch.equal(run(gm, x, seed=1), run(gm, x, seed=2))          # eval: deterministic
+    _both_modes_equal(model, gm, x)
+    gm.train()
+    assert max_diff(run(gm, x, seed=1), run(gm, x, seed=2)) > 0          # train: dropout is on
+
+
+class EveryModeOp(nn.Module):
+    """Each op whose behaviour export bakes in train mode, in-place and out-of-place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.lstm = nn.LSTM(8, 8, num_layers=2, dropout=0.3, batch_first=True)
+        self.norm = nn.InstanceNorm1d(3, track_running_stats=True)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h = F.dropout(h, 0.1, self.training, inplace=True)
+        h = F.alpha_dropout(h, 0.1, self.training, inplace=True)
+        h = F.alpha_dropout(h, 0.1, self.training)
+        h = torch.native_dropout(h, 0.1, self.training)[0]
+        h = F.rrelu(h, training=self.training)
+        h = F.feature_alpha_dropout(h.unsqueeze(-1), 0.1, self.training, inplace=True).squeeze(-1)
+        h = F.feature_alpha_dropout(h.unsqueeze(-1), 0.1, self.training).squeeze(-1)
+        h = F.dropout2d(h.unsqueeze(-1), 0.2, self.training, inplace=True).squeeze(-1)
+        h = F.dropout2d(h.unsqueeze(-1), 0.2, self.training).squeeze(-1)
+        h, _ = self.lstm(h)
+        return self.norm(h)
+
+
+def test_every_mode_dependent_op_follows_the_mode():
+    model = EveryModeOp().eval()
+    gm = trace(model, (torch.randn(2, 3, 8),))
+    names = {str(m.op).split(".")[1] for m in gm.modules() if isinstance(m, TrainFlagOp)}
+    assert names == {"dropout_", "alpha_dropout_", "alpha_dropout", "native_dropout", "rrelu", "feature_alpha_dropout_",
+                     "feature_alpha_dropout", "feature_dropout_", "feature_dropout", "lstm", "instance_norm"}
+    x = torch.randn(4, 3, 8)
+    assert torch.equal(run(gm, x, seed=1), run(gm, x, seed=2))
+    _both_modes_equal(model, gm, x)
+
+
+def test_check_catches_a_one_percent_error_on_tiny_outputs():
+    class Tiny(nn.Module):             # outputs ~1e-6; the trace is 1% off in eval mode
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            with torch.no_grad():
+                self.lin.weight.mul_(1e-6)
+                self.lin.bias.mul_(1e-6)
+
+        def forward(self, x):
+            return self.lin(x) * (1.01 if self.training else 1.0)
+
+    model = Tiny().eval()
+    assert float(model(torch.randn(2, 4)).detach().abs().max()) < 1e-5
+    with pytest.raises(TraceError, match=r"differs from the model in eval mode: output 0 has relative error 0.0099"):
+        trace(model, (torch.randn(2, 4),))
+
+
+def test_check_catches_a_trace_that_is_random_in_eval_mode():
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class RandomUnlessSeed0(nn.Module):  # equals Plain under seed 0 only, as _check's first comparison uses
+        def __init__(self):
+            super().__init__()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.at_seed0 = float(torch.rand(()))
+
+        def forward(self, x):
+            return x * 2 + (torch.rand(()) - self.at_seed0)
+
+    x = torch.randn(3)
+    _check(Plain(), fx.symbolic_trace(Plain()), (x,), {}, "export")            # deterministic: fine
+    with pytest.raises(TraceError, match="two eval-mode forwards of the trace differ, the model's do not"):
+        _check(Plain(), RandomUnlessSeed0(), (x,), {}, "export")
+
+
+def test_relative_error():
+
+    a = torch.tensor([1e-9, -2e-9])
+    assert relative_error(a, a * 1.01) == pytest.approx(0.01 / 1.01, rel=1e-6)
+    assert relative_error(a, a.clone()) == 0.0
+    assert relative_error(torch.zeros(2), torch.tensor([0.0, 1e-30])) == 1.0
+    assert relative_error(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0])) == 0.0
+    assert relative_error(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0])) == float("inf")
+    assert relative_error(torch.tensor([1, 2]), torch.tensor([1, 3])) == float("inf")
+    inf = float("inf")
+    assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) == 0.0
+    assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.5])) == pytest.approx(1 / 3)
+    assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0])) == inf
