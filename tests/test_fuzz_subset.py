@@ -31,7 +31,8 @@ def _report(fz) -> str:
 
 def test_generated_cases_give_no_traceback_or_hang(tmp_path):
     fz = fuzz.run(40, seed=20240, work=str(tmp_path / "work"), timeout=30.0)
-    assert len(fz.outcomes) >= 100          # each case makes one to five calls into planc
+    assert len(fz.outcomes) >= 40           # each case makes one to five calls into planc
+    assert sum(fz.safety_cases.values()) >= 3   # the trust-model cases ran too
     assert not [o for o in fz.outcomes if o.problem], _report(fz)
     statuses = {o.status for o in fz.outcomes if o.kind != "load_plan"}
     assert statuses <= {0, 1, 2} and 2 in statuses
