@@ -45,7 +45,8 @@ class BlockSparseConv2d(nn.Module):
     (out, kh·kw·in) view; built by the lower pass."""
 
     def __init__(self, bsm: BlockSparseMatrix, bias: Optional[torch.Tensor], *, in_channels: int,
-                 kernel_size, stride=1, padding=0, dilation=1, backend: str = "auto", strategy: str | None = None):
+                 kernel_size, stride=1, padding=0, dilation=1, backend: str = "auto", strategy: str | None = None,
+                 order: str = "row"):
         super().__init__()
         kh, kw = _pair(kernel_size)
         if bsm.shape[1] != kh * kw * in_channels:
@@ -53,7 +54,7 @@ class BlockSparseConv2d(nn.Module):
         self.in_channels, self.out_channels = int(in_channels), bsm.shape[0]
         self.kernel_size, self.stride = (kh, kw), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
-        self.linear = BlockSparseLinear(bsm, bias, backend=backend, strategy=strategy)
+        self.linear = BlockSparseLinear(bsm, bias, backend=backend, strategy=strategy, order=order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -99,11 +99,22 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
     if strategy != "cols":
         raise ValueError(f"expected a CPU strategy in {STRATEGIES}, got {strategy!r}")
 
+    return forward_columns(x, bsm.grouped_by_column(), bsm.tcrow, bsm.trow, bsm.shape, bias)
+
+
+def forward_columns(x: torch.Tensor, values_t: torch.Tensor, tcrow: torch.Tensor, trow: torch.Tensor,
+                    shape, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The column-panel forward on blocks already grouped by block-column (values_t
+    (nnz, r, c) in transposed-index order, with its column pointers and block-rows): a
+    lowered layer for inference stores its blocks this way, so no call gathers them."""
+    out_dtype, cd = x.dtype, _compute_dtype(x.dtype)
+    (R, C), (r, c) = (int(v) for v in shape), tuple(int(v) for v in values_t.shape[1:])
+    gr, M = -(-R // r), x.shape[0]
     yt = torch.empty(gr, r, M, dtype=cd, device=x.device)
     # start from the bias: saves a pass over Y
     init = None if bias is None else F.pad(bias.detach().to(cd), (0, gr * r - R)).view(gr, r, 1)
-    panels = bsm.grouped_by_column().detach().to(cd).reshape(bsm.nnz * r, c)
-    _accumulate_panels(yt, init, panels, x.detach().to(cd).t(), bsm.tcrow, bsm.trow, r, c)
+    panels = values_t.detach().to(cd).reshape(values_t.shape[0] * r, c)
+    _accumulate_panels(yt, init, panels, x.detach().to(cd).t(), tcrow, trow, r, c)
     return yt.view(gr * r, M)[:R].t().to(out_dtype)
 
 

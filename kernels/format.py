@@ -45,10 +45,12 @@ class BlockSparseMatrix:
     # ---- construction ------------------------------------------------------------
     @classmethod
     def from_weight(cls, weight: torch.Tensor, block: Sequence[int], alive: torch.Tensor | None = None,
-                    *, dtype: torch.dtype | None = None) -> "BlockSparseMatrix":
+                    *, dtype: torch.dtype | None = None, view: BlockView | None = None) -> "BlockSparseMatrix":
         """From a (baked) Linear (out, in) or Conv2d (out, in, kh, kw) weight. `alive`
-        (gr, gc) picks the blocks; by default every block holding a nonzero entry."""
-        view = BlockView(tuple(weight.shape), tuple(int(b) for b in block))
+        (gr, gc) picks the blocks; by default every block holding a nonzero entry.
+        `view`: the weight's block view when it is not the plain one of its shape (a
+        transposed, Conv1D-style weight stored (in, out))."""
+        view = view or BlockView(tuple(weight.shape), tuple(int(b) for b in block))
         values, crow, col = view.to_bsr(weight.detach(), alive)
         if dtype is not None:
             values = values.to(dtype)

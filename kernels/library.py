@@ -6,7 +6,7 @@ torch.compile and saved as data (planc.artifact) — the lowered model becomes a
 of aten and planc ops over tensors, loadable without any of the model's own code.
 
     bsr_linear(x (M, C), values (nnz, r, c), crow, col, row, tcrow, trow, tperm,
-               bias (R,) or None, R, C, backend, strategy) -> (M, R)
+               bias (R,) or None, R, C, backend, strategy, order) -> (M, R)
 
 The index tensors are a BlockSparseMatrix's (kernels/format.py). `backend` is "cpu",
 "triton", "dense" or "auto" (by the input's device); `strategy` the CPU formulation (kernels/cpu.py), or "auto": chosen
@@ -15,6 +15,12 @@ not fix it to the example's batch size. The result's strides are part of the con
 since torch.compile plans later ops from the fake result: the CPU backend returns Yᵀ's
 transposed view (strides (1, M), what the next sparse layer wants) whatever the
 strategy, the others a contiguous matrix; the fake implementation says the same.
+
+`order` says how `values` are stored: "row" (block-row-major, a BlockSparseMatrix's
+`values`) or "col" (grouped by block-column, its `grouped_by_column()`): the CPU forward
+reads blocks by column, so a lowered layer for the CPU stores them that way and no call
+gathers them (the gather cost 10–40% of a layer's time; docs/benchmarks.md), while
+training and the other paths rebuild the row order when they need it.
 
 Gradients (registered with the op): dx through the transposed index, dvalues on the
 support only, dbias the column sums; nothing for the indices.
@@ -55,26 +61,43 @@ def returns_transposed(backend: str, device: torch.device) -> bool:
     return concrete_backend(backend, device) == "cpu"
 
 
+def inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `perm`."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
+def row_values(values: torch.Tensor, order: str, tperm: torch.Tensor) -> torch.Tensor:
+    """The blocks in block-row-major order, from values stored in `order`."""
+    return values if order == "row" else values[inverse(tperm)]
+
+
 @torch.library.custom_op("planc::bsr_linear", mutates_args=())
 def bsr_linear(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor,
                tcrow: torch.Tensor, trow: torch.Tensor, tperm: torch.Tensor, bias: Optional[torch.Tensor],
-               R: int, C: int, backend: str, strategy: str) -> torch.Tensor:
-    bsm = _matrix(values, crow, col, row, tcrow, trow, tperm, R, C)
+               R: int, C: int, backend: str, strategy: str, order: str) -> torch.Tensor:
     backend = concrete_backend(backend, x.device)
-    if backend == "triton":
-        return _triton().forward(x, bsm, bias)
-    if backend == "dense":
-        return torch.nn.functional.linear(x, bsm.to_dense(), bias)
-    if strategy == "auto":
-        strategy = choose_cpu_strategy(x.shape[0], bsm.shape, bsm.block, bsm.density, x.dtype)
-    y = _cpu.forward(x, bsm, bias, strategy=strategy)
+    if backend == "cpu" and strategy == "auto":
+        nnz, (r, c) = values.shape[0], values.shape[1:]
+        density = nnz / max(1, (-(-R // r)) * (-(-C // c)))
+        strategy = choose_cpu_strategy(x.shape[0], (R, C), (r, c), density, x.dtype)
+    if backend == "cpu" and strategy == "cols" and order == "col":
+        y = _cpu.forward_columns(x, values, tcrow, trow, (R, C), bias)       # no gather: stored by column
+    else:
+        bsm = _matrix(row_values(values, order, tperm), crow, col, row, tcrow, trow, tperm, R, C)
+        if backend == "triton":
+            return _triton().forward(x, bsm, bias)
+        if backend == "dense":
+            return torch.nn.functional.linear(x, bsm.to_dense(), bias)
+        y = _cpu.forward(x, bsm, bias, strategy=strategy)
     if y.stride() != (1, y.shape[0]):          # the contract the fake implementation states
         y = y.t().contiguous().t()
     return y
 
 
 @bsr_linear.register_fake
-def _(x, values, crow, col, row, tcrow, trow, tperm, bias, R, C, backend, strategy):
+def _(x, values, crow, col, row, tcrow, trow, tperm, bias, R, C, backend, strategy, order):
     M = x.shape[0]
     if returns_transposed(backend, x.device):
         return x.new_empty((R, M)).t()
@@ -82,21 +105,24 @@ def _(x, values, crow, col, row, tcrow, trow, tperm, bias, R, C, backend, strate
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, values, crow, col, row, tcrow, trow, tperm, bias, R, C, backend, strategy = inputs
+    x, values, crow, col, row, tcrow, trow, tperm, bias, R, C, backend, strategy, order = inputs
     ctx.save_for_backward(x, values, crow, col, row, tcrow, trow, tperm)
     ctx.R, ctx.C, ctx.backend, ctx.has_bias = R, C, concrete_backend(backend, x.device), bias is not None
+    ctx.order = order
 
 
 def _backward(ctx, dy):
     x, values, crow, col, row, tcrow, trow, tperm = ctx.saved_tensors
-    bsm = _matrix(values, crow, col, row, tcrow, trow, tperm, ctx.R, ctx.C)
+    bsm = _matrix(row_values(values, ctx.order, tperm), crow, col, row, tcrow, trow, tperm, ctx.R, ctx.C)
     kernels = _triton() if ctx.backend == "triton" else _cpu
     if ctx.backend == "triton":
         dy = dy.contiguous()
     dx = kernels.grad_input(dy, bsm) if ctx.needs_input_grad[0] else None
     dv = kernels.grad_values(dy, x, bsm) if ctx.needs_input_grad[1] else None
+    if dv is not None and ctx.order == "col":
+        dv = dv[tperm]                        # the gradient in the order the values are stored
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[8] else None
-    return dx, dv, None, None, None, None, None, None, db, None, None, None, None
+    return dx, dv, None, None, None, None, None, None, db, None, None, None, None, None
 
 
 bsr_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -104,10 +130,10 @@ bsr_linear.register_autograd(_backward, setup_context=_setup_context)
 
 def call(x2: torch.Tensor, bsm: BlockSparseMatrix, bias: Optional[torch.Tensor], backend: str,
          strategy: str) -> torch.Tensor:
-    """torch.ops.planc.bsr_linear on a BlockSparseMatrix."""
+    """torch.ops.planc.bsr_linear on a BlockSparseMatrix (values in block-row order)."""
     R, C = bsm.shape
     return torch.ops.planc.bsr_linear(x2, bsm.values, bsm.crow, bsm.col, bsm.row, bsm.tcrow, bsm.trow, bsm.tperm,
-                                      bias, R, C, backend, strategy)
+                                      bias, R, C, backend, strategy, "row")
 
 
 INDEX_NAMES: List[str] = ["crow", "col", "row", "tcrow", "trow", "tperm"]

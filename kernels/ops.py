@@ -50,14 +50,22 @@ def block_sparse_linear(x: torch.Tensor, bsm: BlockSparseMatrix, bias: Optional[
 
 class BlockSparseLinear(nn.Module):
     """A Linear whose weight is block-sparse. `values` (nnz, r, c) is the trainable
-    parameter; the support (index buffers) is fixed. Built by the lower pass."""
+    parameter; the support (index buffers) is fixed. Built by the lower pass.
+
+    `order` is how `values` are stored (kernels/library.py): "col" (grouped by
+    block-column) is what the CPU forward reads, so a layer lowered for the CPU holds its
+    kept blocks once and in that order; "row" suits Triton. The layer computes the same
+    either way, gradients included."""
 
     def __init__(self, bsm: BlockSparseMatrix, bias: Optional[torch.Tensor] = None, *,
-                 backend: str = "auto", strategy: str | None = None):
+                 backend: str = "auto", strategy: str | None = None, order: str = "row"):
         super().__init__()
+        if order not in ("row", "col"):
+            raise ValueError(f"expected order 'row' or 'col', got {order!r}")
         self.shape, self.block = tuple(bsm.shape), tuple(bsm.block)
-        self.backend, self.strategy = backend, strategy
-        self.values = nn.Parameter(bsm.values.detach().clone())
+        self.backend, self.strategy, self.order = backend, strategy, order
+        values = bsm.values if order == "row" else bsm.grouped_by_column()
+        self.values = nn.Parameter(values.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         for name in library.INDEX_NAMES:
             self.register_buffer(name, getattr(bsm, name).clone())
@@ -71,16 +79,22 @@ class BlockSparseLinear(nn.Module):
         return self.shape[0]
 
     def matrix(self) -> BlockSparseMatrix:
-        """The BlockSparseMatrix over the current values. No copy of the values is cached:
-        the lowered model holds the kept blocks once (the CPU path gathers them by column
-        on each call; docs/benchmarks.md measures what that costs)."""
-        return BlockSparseMatrix(shape=self.shape, block=self.block, values=self.values, crow=self.crow,
+        """The BlockSparseMatrix (values in block-row order) over the current values."""
+        return BlockSparseMatrix(shape=self.shape, block=self.block,
+                                 values=library.row_values(self.values, self.order, self.tperm), crow=self.crow,
                                  col=self.col, row=self.row, tcrow=self.tcrow, trow=self.trow, tperm=self.tperm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_sparse_linear(x, self.matrix(), self.bias, backend=self.backend, strategy=self.strategy)
+        R, C = self.shape
+        if x.shape[-1] != C:
+            raise ValueError(f"expected x with last dimension {C}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        y = torch.ops.planc.bsr_linear(x.reshape(-1, C), self.values, self.crow, self.col, self.row, self.tcrow,
+                                       self.trow, self.tperm, self.bias, R, C, resolve_backend(self.backend, x.device),
+                                       self.strategy or "auto", self.order)
+        return y.reshape(*lead, R)
 
     def extra_repr(self) -> str:
         gr, gc = -(-self.shape[0] // self.block[0]), -(-self.shape[1] // self.block[1])
         return (f"in_features={self.shape[1]}, out_features={self.shape[0]}, block={self.block}, "
-                f"nnz={self.values.shape[0]}/{gr * gc}, backend={self.backend}")
+                f"nnz={self.values.shape[0]}/{gr * gc}, backend={self.backend}, order={self.order}")

@@ -197,12 +197,14 @@ def _make_module(use, weight, bsm, bias, backend):
     from planc.kernels.conv import BlockSparseConv2d
     from planc.kernels.ops import BlockSparseLinear
 
+    # the CPU forward reads blocks by column: store them so (once, and no gather per call)
+    order = "col" if backend == "cpu" else "row"
     if use.op == "linear":
-        return _DtypeAdapter(BlockSparseLinear(bsm, bias, backend=backend))
+        return _DtypeAdapter(BlockSparseLinear(bsm, bias, backend=backend, order=order))
     padding = _conv_padding(use, weight)
     return _DtypeAdapter(BlockSparseConv2d(bsm, bias, in_channels=weight.shape[1], kernel_size=tuple(weight.shape[2:]),
                                            stride=use.stride or 1, padding=padding, dilation=use.dilation or 1,
-                                           backend=backend))
+                                           backend=backend, order=order))
 
 
 class _DtypeAdapter(nn.Module):

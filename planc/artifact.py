@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from planc.blocks import BlockView
 from planc.errors import PlancError
+from planc.kernels.format import BlockSparseMatrix
 from planc.kernels import library as _library  # noqa: F401  (registers torch.ops.planc.bsr_linear)
 
 FORMAT = "planc.program/1"
@@ -320,8 +321,8 @@ STORE_FORMAT = "planc.tensors/1"
 
 def pack(named: Dict[str, torch.Tensor], views: Dict[str, BlockView]) -> Tuple[Dict[str, torch.Tensor], dict]:
     """(tensors to write, entries). Each name's entry points at stored tensors: `dense`,
-    or, for names in `views` (pruned weights), `bsr`: the kept blocks (values, crow,
-    col) of the weight's block view. Equal tensors are stored once (a bias both programs
+    or, for names in `views` (pruned weights), `bsc`: the kept blocks of the weight's
+    block view grouped by block-column (values, column pointers, block-rows). Equal tensors are stored once (a bias both programs
     read, a lowered layer's values and the same weight's kept blocks)."""
     stored: Dict[str, torch.Tensor] = {}
     by_content: Dict[Tuple, str] = {}
@@ -339,8 +340,10 @@ def pack(named: Dict[str, torch.Tensor], views: Dict[str, BlockView]) -> Tuple[D
     for name, tensor in named.items():
         view = views.get(name)
         if view is not None and tuple(tensor.shape) == tuple(view.weight_shape):
-            values, crow, col = view.to_bsr(tensor.detach())
-            entries[name] = {"bsr": {"values": put(values), "crow": put(crow), "col": put(col)},
+            # kept blocks grouped by block-column, with int32 column pointers and block-rows:
+            # byte for byte what a layer lowered for the CPU holds, so both are stored once
+            m = BlockSparseMatrix.from_weight(tensor.detach(), view.block, view=view)
+            entries[name] = {"bsc": {"values": put(m.grouped_by_column()), "ccol": put(m.tcrow), "row": put(m.trow)},
                              "view": view_record(view)}
         else:
             entries[name] = {"dense": put(tensor)}
@@ -367,12 +370,12 @@ def unpack(stored: Dict[str, torch.Tensor], meta: Any, names: Sequence[str] = No
         if "dense" in entry:
             out[name] = _stored(stored, entry["dense"], name)
             continue
-        parts, record = entry.get("bsr"), entry.get("view")
+        parts, record = entry.get("bsc"), entry.get("view")
         if not isinstance(parts, dict) or not isinstance(record, dict):
-            raise ArtifactError(f"tensor {name!r}: expected a dense or a bsr entry")
-        key = (parts.get("values"), parts.get("crow"), parts.get("col"), str(record))
+            raise ArtifactError(f"tensor {name!r}: expected a dense or a bsc entry")
+        key = (parts.get("values"), parts.get("ccol"), parts.get("row"), str(record))
         if key not in dense_cache:
-            dense_cache[key] = _from_bsr(stored, parts, record, name)
+            dense_cache[key] = _from_bsc(stored, parts, record, name)
         out[name] = dense_cache[key]
     return out
 
@@ -383,21 +386,24 @@ def _stored(stored: Dict[str, torch.Tensor], key: Any, name: str) -> torch.Tenso
     return stored[key]
 
 
-def _from_bsr(stored, parts: dict, record: dict, name: str) -> torch.Tensor:
-    values, crow, col = (_stored(stored, parts.get(k), name) for k in ("values", "crow", "col"))
+def _from_bsc(stored, parts: dict, record: dict, name: str) -> torch.Tensor:
+    values, ccol, row = (_stored(stored, parts.get(k), name) for k in ("values", "ccol", "row"))
     try:
         if not isinstance(record.get("transposed", False), bool):
             raise ValueError("transposed must be true or false")
         view = BlockView(tuple(int(v) for v in record["weight_shape"]), tuple(int(v) for v in record["block"]),
                          record.get("transposed", False))
         (gr, gc), nnz = view.grid, int(values.shape[0]) if values.dim() == 3 else -1
-        ok = (tuple(values.shape[1:]) == view.block and crow.dtype == col.dtype == torch.int64
-              and tuple(crow.shape) == (gr + 1,) and tuple(col.shape) == (nnz,) and int(crow[0]) == 0
-              and int(crow[-1]) == nnz and bool((crow[1:] >= crow[:-1]).all())
-              and (nnz == 0 or (int(col.min()) >= 0 and int(col.max()) < gc)))
+        ok = (tuple(values.shape[1:]) == view.block and ccol.dtype == row.dtype == torch.int32
+              and tuple(ccol.shape) == (gc + 1,) and tuple(row.shape) == (nnz,) and int(ccol[0]) == 0
+              and int(ccol[-1]) == nnz and bool((ccol[1:] >= ccol[:-1]).all())
+              and (nnz == 0 or (int(row.min()) >= 0 and int(row.max()) < gr)))
         if not ok:
             raise ValueError("indices do not describe the block grid")
-        return view.from_bsr(values, crow, col)
+        cols = torch.repeat_interleave(torch.arange(gc), (ccol[1:] - ccol[:-1]).long())
+        blocks = values.new_zeros(gr, gc, *view.block)
+        blocks[row.long(), cols] = values
+        return view.from_blocks(blocks)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ArtifactError(f"tensor {name!r}: invalid kept blocks ({' '.join(str(err).split())[:120]})") from None
 

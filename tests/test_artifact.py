@@ -230,3 +230,69 @@ def test_a_crafted_pytree_spec_is_refused(saved, tmp_path):
     _rehash(folder)
     with pytest.raises(RunFolderError, match="baked.json"):
         planc.load(folder, lowered=False)
+
+
+def test_column_ordered_values_compute_the_same_with_the_same_gradients():
+    """A layer lowered for the CPU stores its kept blocks by column (no gather per call);
+    forward, dX, dvalues (in the stored order) and dbias equal the row-ordered layer's."""
+    from planc.kernels.format import BlockSparseMatrix
+    from planc.kernels.ops import BlockSparseLinear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 80, generator=g)
+    alive = torch.rand(6, 5, generator=g) > 0.6
+    bsm = BlockSparseMatrix.from_weight(w, (16, 16), alive)
+    bias = torch.randn(96, generator=g)
+    x = torch.randn(33, 80, generator=g)
+    outs = {}
+    for order in ("row", "col"):
+        for strategy in ("cols", "dense"):
+            layer = BlockSparseLinear(bsm, bias, backend="cpu", strategy=strategy, order=order)
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            y.pow(2).sum().backward()
+            dv = layer.values.grad if order == "row" else layer.values.grad[planc.kernels.library.inverse(bsm.tperm)]
+            outs[order, strategy] = (y.detach(), xi.grad, dv, layer.bias.grad)
+    ref = outs["row", "cols"]
+    dense = torch.nn.functional.linear(x, bsm.to_dense(), bias)
+    assert rel_err(ref[0], dense) <= 1e-5
+    for key, got in outs.items():
+        for a, b in zip(got, ref):
+            assert rel_err(a, b) <= 1e-5, key
+
+
+def test_a_transposed_conv1d_layer_saves_and_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = Conv1D(128, 64)          # weight stored (in, out) = (64, 128)
+            self.c_proj = Conv1D(64, 128)
+
+        def forward(self, x):
+            return self.c_proj(torch.relu(self.c_fc(x)))
+
+    torch.manual_seed(0)
+    plan = planc.load_plan(textwrap.dedent("""
+        version: 1
+        name: conv1d
+        model: {example_inputs: [[4, 64]]}
+        targets: {defaults: {block: [16, 16], sparsity: 0.75, min_blocks: 16}}
+        method: {name: magnitude, variant: pretrained}
+        schedule: {phases: [{phase: finetune, steps: 1}]}
+        train: {steps: 1}
+    """))
+    pruned = planc.compile(Block(), plan, torch.randn(4, 64))
+    pruned.attach(torch.optim.SGD(pruned.param_groups(lr=0.0)))
+    baked = pruned.bake().eval()
+    lowered = planc.lower(baked, backend="cpu", min_speedup=0)
+    planc.save(str(tmp_path / "run"), pruned, baked=baked, lowered=lowered)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        ref = baked(x)
+        assert rel_err(planc.load(str(tmp_path / "run"))(x), ref) <= 1e-5
+        assert rel_err(planc.load(str(tmp_path / "run"), lowered=False)(x), ref) <= 1e-6
+    graph = json.load(open(tmp_path / "run" / "lowered.json"))
+    assert sum(n.get("target") == "planc.bsr_linear.default" for n in graph["nodes"]) == 2

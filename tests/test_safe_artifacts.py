@@ -189,7 +189,7 @@ def test_weights_of_the_wrong_shape_are_named(run, lowered):
 def test_pruned_blocks_that_are_not_zero_are_detected(run):
     def fill(stored, entries):
         for name, entry in list(entries.items()):
-            if name.startswith("state/") and "bsr" in entry:        # a pruned weight: store it dense, no zeros
+            if name.startswith("state/") and "bsc" in entry:        # a pruned weight: store it dense, no zeros
                 shape = entry["view"]["weight_shape"]
                 stored[f"dense-{name}"] = torch.ones(shape)
                 entries[name] = {"dense": f"dense-{name}"}
