@@ -36,6 +36,26 @@ USER_MODULE = textwrap.dedent("""
 
     def net(width=256):
         return Net(width)
+
+    def digits_net(hidden=64):
+        return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                             nn.Linear(hidden, 10))
+""")
+
+APPLY_PLAN = textwrap.dedent("""
+    version: 1
+    name: artifact-apply
+    model: {factory: userpkg_artifact:digits_net, kwargs: {hidden: 64}, example_inputs: [[32, 64]]}
+    targets:
+      defaults: {block: [8, 8], sparsity: 0.75, min_blocks: 16}
+      rules: [{match: {position: last}, skip: true}]
+    method: {name: acdc}
+    schedule: {preset: paper}
+    train:
+      data: {factory: planc.examples.digits:loaders, kwargs: {batch_size: 32, train_size: 320}}
+      steps: 40
+      optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
+    lower: {backend: cpu, min_speedup: 1.0e-6}
 """)
 
 
@@ -92,6 +112,11 @@ def saved(tmp_path_factory):
             dense_bytes = {k: v.numel() * v.element_size() for k, v in baked.state_dict().items()}
             out[sparsity] = dict(folder=folder, baked=baked, lowered=lowered, dense_bytes=dense_bytes,
                                  pruned_keys=[k for k in dense_bytes if k.endswith("weight") and "head" not in k])
+        from planc.train import train
+
+        result = train(planc.load_plan(APPLY_PLAN), str(root / "applied"), progress=False, log=lambda s: None)
+        assert result.report["lowering"]["lowered_layers"] == 2
+        out["applied"] = dict(folder=str(root / "applied"), baked=result.baked, shape=(64,))
     finally:
         sys.path.remove(str(root))
         sys.modules.pop("userpkg_artifact", None)
@@ -106,13 +131,15 @@ def test_the_lowered_program_calls_block_sparse_kernels(saved):
     assert not any("planc" in str(n.get("target")) for n in baked["nodes"])
 
 
-def test_a_fresh_process_that_cannot_import_the_model_loads_and_agrees(saved, tmp_path):
-    folder = saved[0.9]["folder"]
+@pytest.mark.parametrize("case,width", [("applied", 64), (0.9, 256)])
+def test_a_fresh_process_that_cannot_import_the_model_loads_and_agrees(saved, tmp_path, case, width):
+    """From `planc apply` (its lowering kept) and from planc.save."""
+    folder = saved[case]["folder"]
     script = textwrap.dedent(f"""
         import importlib.util, torch, planc
         assert importlib.util.find_spec("userpkg_artifact") is None      # the model's code is not here
         torch.manual_seed(1)
-        x = torch.randn(5, 256)
+        x = torch.randn(5, {width})
         lowered = planc.load({folder!r})
         baked = planc.load({folder!r}, lowered=False)
         names = {{type(m).__name__ for m in lowered.modules()}}
@@ -134,7 +161,7 @@ def test_a_fresh_process_that_cannot_import_the_model_loads_and_agrees(saved, tm
 
 def test_loaded_models_agree_with_the_models_that_were_saved(saved):
     x = torch.randn(7, 256)
-    for case in saved.values():
+    for case in (saved[0.75], saved[0.9]):
         with torch.no_grad():
             ref = case["baked"](x)
             assert rel_err(planc.load(case["folder"], lowered=False)(x), ref) <= 1e-6
@@ -156,6 +183,25 @@ def test_files_and_loaded_model_shrink_with_the_sparsity(saved, sparsity):
     for module in (planc.load(case["folder"]), case["lowered"]):
         held = nbytes(module)
         assert held <= 1.1 * expected + 4096, (held, expected, dense)
+
+
+def test_layers_apply_kept_dense_are_stored_as_kept_blocks_and_load_dense(tmp_path):
+    from planc.train import train
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "plans", "digits-tiny.yaml")).read()
+    # backend dense: no layer lowered, deterministically (what a measured-slower lowering also gives)
+    plan = planc.load_plan(text.replace("output: runs/digits-tiny", "lower: {backend: dense}"))
+    result = train(plan, str(tmp_path / "run"), progress=False, log=lambda s: None)
+    assert result.lowered is None
+    graph = json.load(open(tmp_path / "run" / "lowered.json"))
+    assert not any("planc" in str(n.get("target")) for n in graph["nodes"])
+    from planc.checkpoint import load_tensors
+
+    _, meta = load_tensors(str(tmp_path / "run" / "tensors.safetensors"))
+    assert "bsc" in meta["entries"]["lowered/layers.0.weight"] and "bsc" in meta["entries"]["state/layers.0.weight"]
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert rel_err(planc.load(str(tmp_path / "run"))(x), result.baked(x)) <= 1e-6
 
 
 def test_programs_from_apply_load_as_lowered_and_baked(tmp_path):
