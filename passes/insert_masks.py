@@ -11,10 +11,10 @@ so `parameters()` includes attention logits. Each node applying the weight reads
 
 A `call_module` Linear/Conv2d (symbolic_trace) is first rewritten to its functional form
 (get_attr weight and bias, F.linear / F.conv2d), the module staying registered as the
-parameters' owner. The mask's mode comes from the method: sequential_attention_pp ->
-attention (with method.clip), acdc and magnitude -> support, powerprop -> powerprop
-(method.alpha, method.granularity). Every rewritten node, and the mask call, records the
-mask's qualified name in `node.meta[planc.meta.MASK]`.
+parameters' owner. The mask's mode is the method's (planc.plan.registry: `mask_mode`):
+attention masks take method.clip, powerprop masks method.alpha and method.granularity.
+Every rewritten node, and the mask call, records the mask's qualified name in
+`node.meta[planc.meta.MASK]`.
 """
 from __future__ import annotations
 
@@ -26,25 +26,20 @@ from torch import fx, nn
 
 from planc import meta
 from planc.mask import BlockMask
+from planc.plan.registry import METHODS
 
 from .nodes import WeightUse, weight_uses
 from .select import TargetInfo
 
 MASKS = "planc_masks"
-MODE_OF_METHOD = {
-    "sequential_attention_pp": "attention",
-    "acdc": "support",
-    "magnitude": "support",
-    "powerprop": "powerprop",
-}
 
 
 def mask_for(info: TargetInfo, method) -> BlockMask:
     """The BlockMask a method gives a layer (`method`: a planc Method or its name)."""
     name = method if isinstance(method, str) else method.name
-    if name not in MODE_OF_METHOD:
-        raise ValueError(f"expected a method in {sorted(MODE_OF_METHOD)}, got {name!r}")
-    mode = MODE_OF_METHOD[name]
+    if name not in METHODS:
+        raise ValueError(f"expected a method in {sorted(METHODS)}, got {name!r}")
+    mode = METHODS[name].mask_mode
     if isinstance(method, str):
         return BlockMask(info.weight_shape, info.block, mode, transposed=info.transposed)
     return BlockMask(info.weight_shape, info.block, mode, clip=method.clip if mode == "attention" else None,

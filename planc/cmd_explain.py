@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Sequence
 
+from planc.plan.registry import METHODS
 from planc.plan.types import Plan
 
 
@@ -46,8 +47,7 @@ def phase_table(plan: Plan) -> List[str]:
 
 def summary(plan: Plan) -> List[str]:
     m, t, d, tr = plan.model, plan.targets, plan.targets.defaults, plan.train
-    keys = {"sequential_attention_pp": ("score", "c", "update_every", "clip", "logits_lr", "logits_weight_decay"),
-            "magnitude": ("variant", "update_every"), "powerprop": ("alpha", "granularity")}.get(plan.method.name, ())
+    keys = METHODS[plan.method.name].keys
     method = " ".join(f"{k}={getattr(plan.method, k)}" for k in keys if getattr(plan.method, k) is not None)
     lines = [f"plan     {plan.name}" + (f"  ({plan.source})" if plan.source else ""),
              f"method   {plan.method.name}" + (f"  {method}" if method else "")]

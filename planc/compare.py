@@ -44,6 +44,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from planc.errors import PlanError, Problem
+from planc.plan.registry import METHODS
+
+# `--sweep method=dense`: a method with support masks and one dense phase (the resolved
+# plan's schedule is replaced), i.e. the model trained without pruning.
+DENSE_BASELINE = next(name for name, spec in METHODS.items() if spec.mask_mode == "support")
 
 ALIASES = {
     "method": "method.name",
@@ -139,22 +144,19 @@ def _set_path(data: dict, path: str, value: Any) -> None:
 def _apply(data: dict, key: str, value: Any) -> None:
     """Apply one sweep value to a plan's dict form (in place); schedule variants are
     applied later, on the resolved plan."""
-    from planc.plan.load import METHOD_KEYS
-    from planc.plan.presets import PRESETS
-
     if key == "schedule":
         return
     if key == "method":
         if value == "dense":                             # support masks, all alive: a plain dense model;
-            value = "acdc"                               # the one dense phase is set on the resolved plan
+            value = DENSE_BASELINE                       # the one dense phase is set on the resolved plan
         old = data.get("method") or {}
         method = {"name": value}
-        if isinstance(value, str) and value in METHOD_KEYS:
-            method.update({k: v for k, v in old.items() if k in METHOD_KEYS[value]})
+        if isinstance(value, str) and value in METHODS:
+            method.update({k: v for k, v in old.items() if k in METHODS[value].keys})
         data["method"] = method
         sched = data.get("schedule")
-        if isinstance(sched, dict) and "preset" in sched and value in PRESETS \
-                and sched["preset"] not in PRESETS[value]:
+        if isinstance(sched, dict) and "preset" in sched and value in METHODS \
+                and sched["preset"] not in METHODS[value].presets:
             sched.pop("preset")
             if not sched:
                 data.pop("schedule")

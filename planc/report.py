@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from planc.plan.registry import METHODS
 from planc.safeio import atomic_write_bytes, atomic_write_text
 
 REPORT_MD = "report.md"
@@ -308,13 +309,7 @@ def _markdown(report: dict, images: Dict[str, str], edges: Sequence[dict]) -> st
     t = report.get("timings") or {}
     lines = [f"# Run report: {report.get('plan', '?')}", ""]
     method = m.get("name", "?")
-    extra = []
-    if method == "sequential_attention_pp":
-        extra = [f"score {m.get('score')}", f"c {m.get('c')}"]
-    elif method == "magnitude":
-        extra = [f"variant {m.get('variant')}"]
-    elif method == "powerprop":
-        extra = [f"alpha {m.get('alpha')}", f"granularity {m.get('granularity')}"]
+    extra = [f"{k} {m.get(k)}" for k in (METHODS[method].shown if method in METHODS else ())]
     lines += [f"- method: `{method}`" + (f" ({', '.join(extra)})" if extra else ""),
               f"- steps: {report.get('steps')}, phases: {len(report.get('phases') or [])}",
               f"- mean block sparsity: {_fmt(report.get('mean_sparsity'), '.4f')}",

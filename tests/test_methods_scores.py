@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from planc.blocks import sparsify_grid_count
-from planc.runtime.methods import METHOD_CLASSES, make_method
+from planc.plan.registry import METHODS
+from planc.runtime.methods import make_method
 from planc.errors import RuntimeStateError
 from planc.plan.types import Method
 
@@ -81,7 +82,8 @@ def test_powerprop_prunes_by_the_effective_weight(granularity):
 
 
 def test_make_method_names_the_four_methods():
-    assert sorted(METHOD_CLASSES) == ["acdc", "magnitude", "powerprop", "sequential_attention_pp"]
+    assert sorted(METHODS) == ["acdc", "magnitude", "powerprop", "sequential_attention_pp"]
+    assert all(make_method(Method(name=name)).name == name for name in METHODS)   # each has its strategy
     assert make_method(Method(name="magnitude")).default_curve == "cubic"
     with pytest.raises(RuntimeStateError, match="expected method"):
         make_method(Method(name="obd"))

@@ -4,14 +4,15 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from planc.plan.presets import PRESETS, apportion, expand, min_steps, target_fraction
+from planc.plan.presets import apportion, expand, min_steps, parts, target_fraction
+from planc.plan.registry import METHODS
 
-ALL = [(m, p) for m, ps in PRESETS.items() for p in ps]
+ALL = [(m, p) for m, spec in METHODS.items() for p in spec.presets]
 
 
 @pytest.mark.parametrize("method,preset", ALL)
 def test_weights_sum_to_one(method, preset):
-    assert sum(p.weight for p in PRESETS[method][preset]()) == 1
+    assert sum(p.weight for p in parts(method, preset)) == 1
 
 
 @settings(max_examples=60, deadline=None)
@@ -25,7 +26,7 @@ def test_phases_are_contiguous_and_sum_exactly(mp, total):
     assert all(a.end == b.start for a, b in zip(phases, phases[1:]))
     assert all(p.steps >= 1 for p in phases) or preset == "pretrained"
     # largest remainder: no phase is more than one step off its exact share
-    for p, part in zip(phases, PRESETS[method][preset]()):
+    for p, part in zip(phases, parts(method, preset)):
         assert abs(p.steps - part.weight * total) < 1
 
 

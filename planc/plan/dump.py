@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 import yaml
 
+from planc.plan.registry import METHODS
 from planc.plan.types import Phase, Plan, Rule
 
 
@@ -39,8 +40,6 @@ def _rule(r: Rule) -> Dict[str, Any]:
 
 
 def plan_to_data(plan: Plan) -> Dict[str, Any]:
-    from planc.plan.load import METHOD_KEYS   # one table of which keys a method has
-
     m = plan.model
     model: Dict[str, Any] = {}
     if m.factory is not None:
@@ -52,7 +51,7 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
 
     d = plan.targets.defaults
     method: Dict[str, Any] = {"name": plan.method.name}
-    for key in METHOD_KEYS[plan.method.name]:
+    for key in METHODS[plan.method.name].keys:
         value = getattr(plan.method, key)
         if value is not None:
             method[key] = list(value) if isinstance(value, tuple) else value

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from planc.errors import PlanError, Problem
 from planc.plan import presets
-from planc.plan.positions import PathT, Positions, decode, parse
+from planc.plan.positions import Positions, decode, parse
+from planc.plan.registry import METHODS
 from planc.plan.schema import describe, non_finite, schema_problems, suggest
 from planc.plan.trust import refused_path
 from planc.safeio import KIB, read_limited
@@ -47,14 +48,6 @@ MAX_PLAN_BYTES = 256 * KIB
 
 Source = Union[str, os.PathLike, bytes, Mapping[str, Any], Plan]
 
-# The keys each method accepts besides `name` (the schema says the same; kept here for
-# resolution and the docs' table).
-METHOD_KEYS = {
-    "sequential_attention_pp": ("score", "c", "update_every", "clip", "logits_lr", "logits_weight_decay"),
-    "acdc": (),
-    "magnitude": ("variant", "update_every"),
-    "powerprop": ("alpha", "granularity"),
-}
 SPARSIFY_ONLY = ("curve", "c", "initial", "every")
 
 
@@ -189,103 +182,129 @@ def _steps_int(value: Any) -> Optional[int]:
     return int(value) if float(value).is_integer() and value >= 0 else None
 
 
+class _Found:
+    """Problems found by the semantic checks, each at its YAML position."""
+
+    def __init__(self, pos: Positions):
+        self.pos, self.problems = pos, []
+
+    def add(self, path, message: str, key: bool = False) -> None:
+        self.problems.append(self.pos.problem(path, message, key=key))
+
+
 def semantic_problems(data: dict, pos: Positions) -> List[Problem]:
-    out: List[Problem] = []
-    add = lambda path, msg, key=False: out.append(pos.problem(path, msg, key=key))  # noqa: E731
-
+    """The rules a schema cannot say, one check per section."""
+    found = _Found(pos)
     for path, value in non_finite(data):
-        add(path, f"expected a finite number, got {value}")
+        found.add(path, f"expected a finite number, got {value}")
+    # reserved by the language, not built: refused here, not after training has started
+    if _get(data, "targets", "budget", kind=str) == "global":
+        found.add(("targets", "budget"), "budget 'global' is not implemented; use per_layer "
+                  "(each layer reaches its own target: the paper's choice, which beat global pruning there)")
+    _check_method(data, found)
+    _check_phases(data, found)
+    _check_rules(data, found)
+    _check_model_and_train(data, found)
+    return found.problems
 
-    method = _get(data, "method", "name", kind=str)
-    method = method if method in presets.PRESETS else None
+
+def _steps(data: dict) -> Tuple[bool, Optional[int]]:
+    """(whether train.steps is given, its value or the default; None if not a step count)."""
+    given = _get(data, "train", "steps") is not None
+    return given, _steps_int(_get(data, "train", "steps")) if given else Train().steps
+
+
+def _check_method(data: dict, found: _Found) -> None:
+    """The method's preset (its name, a preset key that agrees with it, enough steps for
+    every phase) and the method's own key rules."""
+    name = _get(data, "method", "name", kind=str)
+    if name not in METHODS:
+        return                                       # the schema reported it
+    method = METHODS[name]
     schedule = _get(data, "schedule", kind=dict) or {}
     preset = _get(schedule, "preset", kind=str)
-    phases = _get(schedule, "phases", kind=list)
-    steps_given = _get(data, "train", "steps") is not None
-    steps = _steps_int(_get(data, "train", "steps")) if steps_given else Train().steps
-
-    # -- reserved by the language, not built: refused here, not after training has started
-    if _get(data, "targets", "budget", kind=str) == "global":
-        add(("targets", "budget"), "budget 'global' is not implemented; use per_layer "
-            "(each layer reaches its own target: the paper's choice, which beat global pruning there)")
-
-    # -- method and preset
-    variant = _get(data, "method", "variant", kind=str)
-    if method and preset is not None:
-        names = list(presets.PRESETS[method])
+    keyed = _get(data, "method", method.preset_key, kind=str) if method.preset_key else None
+    if preset is not None:
+        names = list(method.presets)
         if preset not in names:
-            add(("schedule", "preset"), f"method {method} has no preset {preset!r}{suggest(preset, names)}"
-                f" (its presets: {', '.join(names)})")
+            found.add(("schedule", "preset"), f"method {name} has no preset {preset!r}{suggest(preset, names)}"
+                      f" (its presets: {', '.join(names)})")
             preset = None
-        elif method == "magnitude" and variant and variant != preset:
-            add(("method", "variant"), f"variant {variant!r} contradicts schedule.preset {preset!r}"
-                " (give one of them)")
-    if method == "sequential_attention_pp":
-        clip = _get(data, "method", "clip", kind=list)
-        if clip and len(clip) == 2 and all(isinstance(v, (int, float)) for v in clip) and not clip[0] < clip[1]:
-            add(("method", "clip"), f"expected low < high, got {describe(clip)}")
+        elif keyed and keyed != preset:
+            found.add(("method", method.preset_key), f"{method.preset_key} {keyed!r} contradicts schedule.preset "
+                      f"{preset!r} (give one of them)")
+    clip = _get(data, "method", "clip", kind=list) if "clip" in method.keys else None
+    if clip and len(clip) == 2 and all(isinstance(v, (int, float)) for v in clip) and not clip[0] < clip[1]:
+        found.add(("method", "clip"), f"expected low < high, got {describe(clip)}")
+    steps_given, steps = _steps(data)
+    chosen = preset or keyed or method.default_preset
+    if _get(schedule, "phases", kind=list) is None and steps is not None and chosen in method.presets:
+        try:
+            presets.expand(name, chosen, steps)
+        except ValueError:
+            where = ("train", "steps") if steps_given else ("schedule", "preset") if preset else ("method", "name")
+            found.add(where, f"train.steps = {steps} is too short for preset {chosen!r} of {name}: some phase"
+                      f" would get no step (use at least {presets.min_steps(name, chosen)} steps, or schedule.phases)")
 
-    # -- the schedule against train.steps
-    if method and phases is None and steps is not None:
-        name = preset or (variant if method == "magnitude" and variant else presets.default_preset(method))
-        if name in presets.PRESETS[method]:
-            need = presets.min_steps(method, name)
-            try:
-                presets.expand(method, name, steps)
-            except ValueError:
-                where = ("train", "steps") if steps_given else ("schedule", "preset") if preset else ("method", "name")
-                add(where, f"train.steps = {steps} is too short for preset {name!r} of {method}: some phase"
-                    f" would get no step (use at least {need} steps, or schedule.phases)")
-    if phases is not None:
-        total, known = 0, True
-        for i, ph in enumerate(phases):
-            if not isinstance(ph, dict):
-                known = False
-                continue
-            kind = ph.get("phase")
-            n = _steps_int(ph.get("steps"))
-            total, known = total + (n or 0), known and n is not None
-            if isinstance(kind, str) and kind != "sparsify":
-                for key in SPARSIFY_ONLY:
-                    if key in ph:
-                        add(("schedule", "phases", i, key), f"{key!r} applies to sparsify phases only, not {kind}",
-                            key=True)
-            elif kind == "sparsify" and ph.get("curve") == "cubic" and "c" in ph:
-                add(("schedule", "phases", i, "c"), "'c' applies to the exponential curve only, not cubic", key=True)
-        if known and steps_given and steps is not None and total != steps:
-            longer = "longer" if total > steps else "shorter"
-            add(("schedule", "phases"), f"phases total {total} steps, {longer} than train.steps = {steps}"
-                " (make them equal, or leave train.steps out)")
 
-    # -- targets
+def _check_phases(data: dict, found: _Found) -> None:
+    """Explicit phases: sparsify-only keys on sparsify phases, and their total."""
+    phases = _get(data, "schedule", "phases", kind=list)
+    if phases is None:
+        return
+    total, known = 0, True
+    for i, ph in enumerate(phases):
+        if not isinstance(ph, dict):
+            known = False
+            continue
+        kind = ph.get("phase")
+        n = _steps_int(ph.get("steps"))
+        total, known = total + (n or 0), known and n is not None
+        if isinstance(kind, str) and kind != "sparsify":
+            for key in SPARSIFY_ONLY:
+                if key in ph:
+                    found.add(("schedule", "phases", i, key), f"{key!r} applies to sparsify phases only, not {kind}",
+                              key=True)
+        elif kind == "sparsify" and ph.get("curve") == "cubic" and "c" in ph:
+            found.add(("schedule", "phases", i, "c"), "'c' applies to the exponential curve only, not cubic", key=True)
+    steps_given, steps = _steps(data)
+    if known and steps_given and steps is not None and total != steps:
+        longer = "longer" if total > steps else "shorter"
+        found.add(("schedule", "phases"), f"phases total {total} steps, {longer} than train.steps = {steps}"
+                  " (make them equal, or leave train.steps out)")
+
+
+def _check_rules(data: dict, found: _Found) -> None:
     for i, rule in enumerate(_get(data, "targets", "rules", kind=list) or []):
         if isinstance(rule, dict) and rule.get("skip") is True:
             for key in ("block", "sparsity", "min_blocks"):
                 if key in rule:
-                    add(("targets", "rules", i, key), f"a skipped layer stays dense: {key!r} has no effect", key=True)
+                    found.add(("targets", "rules", i, key), f"a skipped layer stays dense: {key!r} has no effect",
+                              key=True)
 
-    # -- model, train
+
+def _check_model_and_train(data: dict, found: _Found) -> None:
     model = _get(data, "model", kind=dict) or {}
     if "kwargs" in model and "factory" not in model:
-        add(("model", "kwargs"), "kwargs without a factory: add model.factory", key=True)
+        found.add(("model", "kwargs"), "kwargs without a factory: add model.factory", key=True)
     if "factory" in model and "example_inputs" not in model:
-        add(("model",), "model.factory needs model.example_inputs (the input shapes used to trace)")
+        found.add(("model",), "model.factory needs model.example_inputs (the input shapes used to trace)")
     for where in (("model", "factory"), ("train", "data", "factory")):
         path = _get(data, *where, kind=str)
         why = refused_path(path) if path else None
         if why:
-            add(where, f"refused {path!r}: {why}; a plan may name only your own code or a library's "
-                "(explain and apply import and call it)")
+            found.add(where, f"refused {path!r}: {why}; a plan may name only your own code or a library's "
+                      "(explain and apply import and call it)")
     opt = _get(data, "train", "optimizer", kind=dict) or {}
     opt_name = opt.get("name", Optimizer().name)
     if opt_name == "sgd" and "betas" in opt:
-        add(("train", "optimizer", "betas"), "betas apply to adam and adamw, not sgd", key=True)
+        found.add(("train", "optimizer", "betas"), "betas apply to adam and adamw, not sgd", key=True)
     if opt_name in ("adam", "adamw") and "momentum" in opt:
-        add(("train", "optimizer", "momentum"), f"momentum applies to sgd, not {opt_name} (use betas)", key=True)
+        found.add(("train", "optimizer", "momentum"), f"momentum applies to sgd, not {opt_name} (use betas)", key=True)
     warm = _steps_int(_get(data, "train", "warmup_steps"))
+    _, steps = _steps(data)
     if warm is not None and steps is not None and warm > steps:
-        add(("train", "warmup_steps"), f"warmup_steps = {warm} is longer than train.steps = {steps}")
-    return out
+        found.add(("train", "warmup_steps"), f"warmup_steps = {warm} is longer than train.steps = {steps}")
 
 
 def _method_c(data: dict) -> float:
@@ -327,9 +346,16 @@ def _pair(value, cast):
 
 def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Positions] = None) -> Plan:
     """Valid plan data → Plan, defaults filled and presets expanded. Call check() first."""
-    model_raw = data.get("model", {})
-    d = ModelSpec()
-    model = ModelSpec(
+    method, schedule, steps = _resolve_method_and_schedule(data)
+    default_name = Path(origin).stem if origin else Plan().name
+    return Plan(version=int(data["version"]), name=data.get("name", default_name), model=_resolve_model(data),
+                targets=_resolve_targets(data), method=method, schedule=schedule, train=_resolve_train(data, steps),
+                lower=_resolve_lower(data), output=data.get("output"), source=origin, positions=positions)
+
+
+def _resolve_model(data: dict) -> ModelSpec:
+    model_raw, d = data.get("model", {}), ModelSpec()
+    return ModelSpec(
         factory=_factory({"factory": model_raw["factory"], "kwargs": model_raw.get("kwargs")})
         if "factory" in model_raw else None,
         example_inputs=tuple(tuple(int(n) for n in shape) for shape in model_raw.get("example_inputs", ())),
@@ -338,6 +364,8 @@ def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Pos
         dynamic_batch=bool(model_raw.get("dynamic_batch", d.dynamic_batch)),
     )
 
+
+def _resolve_targets(data: dict) -> Targets:
     t_raw = data.get("targets", {})
     dd, ds = t_raw.get("defaults", {}), TargetSettings()
     defaults = TargetSettings(
@@ -354,36 +382,39 @@ def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Pos
              index=i)
         for i, r in enumerate(t_raw.get("rules", ()))
     )
-    targets = Targets(defaults=defaults, rules=rules, budget=t_raw.get("budget", Targets().budget))
+    return Targets(defaults=defaults, rules=rules, budget=t_raw.get("budget", Targets().budget))
 
-    m_raw, dm = data["method"], Method()
-    name = m_raw["name"]
-    s_raw = data.get("schedule", {})
+
+# How a method key's YAML value becomes the Method field (keys not listed are taken as is).
+METHOD_KEY_TYPES: Dict[str, Callable[[Any], Any]] = {
+    "c": float, "alpha": float, "logits_lr": float, "logits_weight_decay": float, "update_every": int,
+    "clip": lambda v: _pair(v, float),
+}
+
+
+def _resolve_method_and_schedule(data: dict) -> Tuple[Method, Schedule, int]:
+    m_raw, s_raw, tr = data["method"], data.get("schedule", {}), data.get("train", {})
+    spec = METHODS[m_raw["name"]]
     preset = s_raw.get("preset")
-    if name == "magnitude" and preset is None and "phases" not in s_raw:
-        preset = m_raw.get("variant", dm.variant)
-    kwargs = {k: m_raw[k] for k in METHOD_KEYS[name] if k in m_raw}
-    for k in ("c", "alpha", "logits_lr", "logits_weight_decay"):
-        if kwargs.get(k) is not None:
-            kwargs[k] = float(kwargs[k])
-    if "update_every" in kwargs:
-        kwargs["update_every"] = int(kwargs["update_every"])
-    if "clip" in kwargs:
-        kwargs["clip"] = _pair(kwargs["clip"], float)
-    if name == "magnitude" and preset in ("oneshot", "gradual", "pretrained"):
-        kwargs.setdefault("variant", preset)
-    method = Method(name=name, **kwargs)
-
-    tr, dt = data.get("train", {}), Train()
+    if spec.preset_key and preset is None and "phases" not in s_raw:
+        preset = m_raw.get(spec.preset_key, spec.default_preset)       # the key names the preset
+    kwargs = {k: m_raw[k] for k in spec.keys if k in m_raw}
+    kwargs = {k: (METHOD_KEY_TYPES[k](v) if v is not None and k in METHOD_KEY_TYPES else v) for k, v in kwargs.items()}
+    if spec.preset_key and preset in spec.presets:
+        kwargs.setdefault(spec.preset_key, preset)
+    method = Method(name=spec.name, **kwargs)
     if "phases" in s_raw:
         phases = _phases(data, s_raw["phases"])
         steps = int(tr.get("steps", sum(p.steps for p in phases)))
     else:
-        steps = int(tr.get("steps", dt.steps))
-        preset = preset or presets.default_preset(name)
-        phases = presets.expand(name, preset, steps, c=method.c, every=method.update_every)
-    schedule = Schedule(phases=phases, preset=preset)
+        steps = int(tr.get("steps", Train().steps))
+        preset = preset or spec.default_preset
+        phases = presets.expand(spec.name, preset, steps, c=method.c, every=method.update_every)
+    return method, Schedule(phases=phases, preset=preset), steps
 
+
+def _resolve_train(data: dict, steps: int) -> Train:
+    tr, dt = data.get("train", {}), Train()
     o, do = tr.get("optimizer", {}), Optimizer()
     optimizer = Optimizer(
         name=o.get("name", do.name), lr=float(o.get("lr", do.lr)),
@@ -391,7 +422,7 @@ def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Pos
         weight_decay=float(o.get("weight_decay", do.weight_decay)),
         betas=_pair(o.get("betas", do.betas), float),
     )
-    train = Train(
+    return Train(
         data=_factory(tr.get("data")), steps=steps, optimizer=optimizer,
         lr_schedule=tr.get("lr_schedule", dt.lr_schedule),
         warmup_steps=int(tr.get("warmup_steps", dt.warmup_steps)),
@@ -399,11 +430,9 @@ def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Pos
         checkpoint_every=int(tr.get("checkpoint_every", dt.checkpoint_every)),
         loss=tr.get("loss", dt.loss), seed=int(tr.get("seed", dt.seed)),
     )
-    lw, dl = data.get("lower", {}), Lower()
-    lower = Lower(backend=lw.get("backend", dl.backend), dtype=lw.get("dtype", dl.dtype),
-                  min_speedup=float(lw.get("min_speedup", dl.min_speedup)))
 
-    default_name = Path(origin).stem if origin else Plan().name
-    return Plan(version=int(data["version"]), name=data.get("name", default_name), model=model,
-                targets=targets, method=method, schedule=schedule, train=train, lower=lower,
-                output=data.get("output"), source=origin, positions=positions)
+
+def _resolve_lower(data: dict) -> Lower:
+    lw, dl = data.get("lower", {}), Lower()
+    return Lower(backend=lw.get("backend", dl.backend), dtype=lw.get("dtype", dl.dtype),
+                 min_speedup=float(lw.get("min_speedup", dl.min_speedup)))

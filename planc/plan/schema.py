@@ -15,6 +15,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from planc.errors import Problem
 from planc.plan.positions import PathT, Positions
+from planc.plan.registry import METHODS
 
 SCHEMA_RESOURCE = "schema/plan-v1.json"
 MESSAGE_KEY = "x-planc-message"     # our annotation: the message for a failing subschema
@@ -24,7 +25,26 @@ _TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "
 
 @functools.lru_cache(maxsize=None)
 def schema_text() -> str:
-    return resources.files("planc").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+    """The plan schema as JSON text: the shipped file with its method section filled in
+    from the method registry (names, each method's keys, presets)."""
+    data = json.loads(resources.files("planc").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8"))
+    return json.dumps(with_methods(data), indent=2) + "\n"
+
+
+def with_methods(data: dict) -> dict:
+    """`data` (the shipped schema) with the parts that depend on the methods generated
+    from planc.plan.registry, so that adding a method needs no schema edit."""
+    section = data["$defs"]["method"]
+    section["properties"]["name"] = {"enum": list(METHODS), "description": "The pruning method."}
+    section["allOf"] = [
+        {"if": {"properties": {"name": {"const": name}}, "required": ["name"]},
+         "then": {"propertyNames": {"enum": ["name", *spec.keys], MESSAGE_KEY: f"does not apply to method {name}"}}}
+        for name, spec in METHODS.items()
+    ]
+    preset = data["$defs"]["schedule"]["properties"]["preset"]
+    preset["description"] = "A named schedule of the method; per method: " + "; ".join(
+        f"{name}: {' | '.join(spec.presets)}" for name, spec in METHODS.items()) + "."
+    return data
 
 
 def schema() -> dict:

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple
 
 from planc.errors import Problem
+from planc.plan.registry import DEFAULT_METHOD
 
-# The four methods of the SequentialAttention++ paper, by their plan names.
-METHODS = ("sequential_attention_pp", "acdc", "magnitude", "powerprop")
 # Phase kinds. dense: every block alive, nothing pruned (revived blocks restart at zero);
 # sparsify: prune gradually along `curve` to the layer's target by the phase's end;
 # sparse / finetune: reach the target at once at the phase start if not there yet
@@ -81,18 +80,18 @@ class Targets:
 
 @dataclass(frozen=True)
 class Method:
-    name: str = "sequential_attention_pp"
-    # sequential_attention_pp
+    name: str = DEFAULT_METHOD                   # planc.plan.registry: which keys each method takes
+    # attention methods
     score: str = "attention"                     # attention | magnitude
     c: float = 4.0                               # default constant of sparsify phases
     update_every: int = 1                        # steps between pruning updates in sparsify
     clip: Optional[Tuple[float, float]] = None   # clip the attention weights A to [lo, hi]
     logits_lr: Optional[float] = None            # None: the weights' learning rate
     logits_weight_decay: Optional[float] = None  # None: the weights' weight decay (paper)
-    # powerprop
+    # reparameterised methods
     alpha: float = 2.0
     granularity: str = "block"                   # block (paper's block variant) | element
-    # magnitude
+    # a method whose variant names its preset
     variant: str = "oneshot"                     # oneshot | gradual | pretrained
 
 

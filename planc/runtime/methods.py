@@ -6,11 +6,14 @@ sparse/finetune phases reach the target at once and then hold the support. What 
 method decides is only *which* alive blocks matter least — its block score — plus the
 mask mode it needs and its default sparsify curve:
 
-- sequential_attention_pp: the softmax attention A of the block (or, with
-  `score: magnitude`, the Frobenius norm of the effective block W_b·A_b);
-- acdc, magnitude: the Frobenius norm of the block (Peste et al.; the paper's baseline;
-  Zhu & Gupta's gradual variant uses the cubic curve);
-- powerprop: the Frobenius norm of the *effective* block ‖V_b‖·V_b (or V⊙|V|^(α−1)).
+- SequentialAttention++: the softmax attention A of the block (or, with the block-norm
+  score, the Frobenius norm of the effective block W_b·A_b);
+- ACDC and magnitude pruning: the Frobenius norm of the block (Peste et al.; the paper's
+  baseline; Zhu & Gupta's gradual variant uses the cubic curve);
+- PowerPropagation: the Frobenius norm of the *effective* block ‖V_b‖·V_b (or V⊙|V|^(α−1)).
+
+Which strategy a plan's method uses, and the mask mode it needs, come from its record in
+planc.plan.registry (`strategy`, `mask_mode`): the classes here carry no method names.
 
 `select_prune` turns scores into the blocks to prune, lowest first, ties broken by
 block index, so every layer lands on exactly its target count, deterministically.
@@ -23,24 +26,24 @@ import torch
 
 from planc.errors import RuntimeStateError
 from planc.mask import BlockMask
+from planc.plan.registry import METHODS
 from planc.plan.types import Method
 
 
 class PruningMethod:
     """Base strategy: block importance is the Frobenius norm of the effective weight."""
 
-    name = ""
-    modes: tuple = ("attention", "support", "powerprop")   # BlockMask modes it can drive
     default_curve = "exponential"
 
     def __init__(self, method: Method):
         self.method = method
+        self.name = method.name
+        self.mode = METHODS[method.name].mask_mode
 
     def check(self, name: str, mask: BlockMask) -> None:
-        if mask.mode not in self.modes:
-            raise RuntimeStateError(
-                f"method {self.name!r} needs masks in mode {' or '.join(self.modes)}, "
-                f"layer {name!r} has a mask in mode {mask.mode!r}")
+        if mask.mode != self.mode:
+            raise RuntimeStateError(f"method {self.name!r} needs masks in mode {self.mode!r}, "
+                                    f"layer {name!r} has a mask in mode {mask.mode!r}")
 
     @torch.no_grad()
     def score(self, mask: BlockMask, weight: torch.Tensor) -> torch.Tensor:
@@ -49,12 +52,9 @@ class PruningMethod:
 
 
 class SequentialAttentionPP(PruningMethod):
-    name = "sequential_attention_pp"
-    modes = ("attention",)
-
     @torch.no_grad()
     def score(self, mask: BlockMask, weight: torch.Tensor) -> torch.Tensor:
-        if self.method.score == "magnitude":
+        if self.method.score != "attention":
             return super().score(mask, weight)
         # A = n·softmax(L) is monotone in L, so ranking by the logits is ranking by A —
         # and unlike the (optionally clipped) A it never ties blocks that a clip flattened.
@@ -62,30 +62,25 @@ class SequentialAttentionPP(PruningMethod):
 
 
 class ACDC(PruningMethod):
-    name = "acdc"
+    pass
 
 
 class Magnitude(PruningMethod):
-    name = "magnitude"
     default_curve = "cubic"          # the gradual variant is Zhu & Gupta's
 
 
 class PowerProp(PruningMethod):
-    name = "powerprop"
-    modes = ("powerprop",)
-
-
-METHOD_CLASSES: Dict[str, Type[PruningMethod]] = {
-    cls.name: cls for cls in (SequentialAttentionPP, ACDC, Magnitude, PowerProp)
-}
+    pass
 
 
 def make_method(method: Method) -> PruningMethod:
-    try:
-        cls = METHOD_CLASSES[method.name]
-    except KeyError:
-        raise RuntimeStateError(
-            f"expected method in {sorted(METHOD_CLASSES)}, got {method.name!r}") from None
+    """The strategy of the plan's method, by its registry record."""
+    if method.name not in METHODS:
+        raise RuntimeStateError(f"expected method in {sorted(METHODS)}, got {method.name!r}")
+    cls = globals().get(METHODS[method.name].strategy)
+    if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):
+        raise RuntimeStateError(f"method {method.name!r}: no strategy class {METHODS[method.name].strategy!r} "
+                                "in planc.runtime.methods")
     return cls(method)
 
 
