@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from planc.bench import timeit_interleaved
+from planc.timing import interleaved as timeit_interleaved
 from planc.kernels.format import BlockSparseMatrix
 from planc.kernels.ops import BlockSparseLinear
 

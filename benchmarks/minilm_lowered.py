@@ -13,7 +13,7 @@ import sys
 import torch
 
 import planc
-from planc.bench import timeit_interleaved
+from planc.timing import interleaved as timeit_interleaved
 from planc.examples.minilm import model
 from planc.passes import trace
 from planc.passes.lower import report

@@ -5,7 +5,7 @@ dense embeddings and nearest-neighbour agreement on the held-out pydoc windows).
 
     python benchmarks/minilm_prune_at_init.py 0.5 0.7 0.9
 
-Uses the public API: planc.compile, planc.runtime.Runtime's start(), bake.
+Uses the public API: planc.compile, pruned.pruning_runtime().start(), bake.
 """
 import json
 import sys
@@ -16,7 +16,6 @@ import planc
 from planc.compare import build_plan
 from planc.examples.minilm import model
 from planc.examples.minilm_text import evaluate
-from planc.runtime import Runtime
 
 
 def main(argv):
@@ -27,7 +26,7 @@ def main(argv):
                           {"sparsity": s, "method": "magnitude", "method.variant": "pretrained",
                            "schedule.phases": [{"phase": "finetune", "steps": 200}]})
         pruned = planc.compile(model(), plan)
-        runtime = Runtime(pruned)              # as planc.train does (Pruned creates one lazily)
+        runtime = pruned.pruning_runtime()
         pruned.runtime = runtime
         runtime.start()                        # the finetune phase starts at step 0: prune now
         baked = pruned.bake().eval()

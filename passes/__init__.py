@@ -1,8 +1,9 @@
 """planc's fx graph passes, usable on their own (installed as `planc.passes`).
 
-Each pass takes a GraphModule and what it needs from the plan, mutates the GraphModule
-in place and returns `(gm, changed)`; what it learns goes into `node.meta` under the
-keys of `planc.meta`:
+Each pass is a function (below) and a pass object for pipelines (TracePass, SelectPass,
+InsertMasksPass, BakePass, LowerPass: built with their configuration, `run(module) ->
+PassResult(module, changed)`; docs/architecture.md). What a pass learns goes into
+`node.meta` under the keys of `planc.meta`:
 
     gm = trace(model, example_inputs)                 # frontend "export" | "symbolic" | "auto"
     gm, _ = select(gm, plan.targets)                  # TargetInfo in node.meta["planc.target"]
@@ -15,11 +16,12 @@ nodes that apply a weight; `Pipeline` runs passes in order and names the failing
 See docs/passes.md.
 """
 from .nodes import WeightUse, weight_uses
-from .pipeline import Pass, PassContext, Pipeline
-from .trace import trace
-from .select import TargetInfo, select, targets_of
-from .insert_masks import insert_masks, masks_of
-from .bake import bake
+from .pipeline import FunctionPass, GraphPass, PassResult, Pipeline, PipelineResult
+from .trace import TraceConfig, TracePass, trace
+from .select import SelectPass, TargetInfo, select, targets_of
+from .insert_masks import InsertMasksPass, insert_masks, masks_of
+from .bake import BakePass, bake
 
 __all__ = ["trace", "select", "insert_masks", "bake", "targets_of", "masks_of", "weight_uses", "WeightUse",
-           "TargetInfo", "Pass", "PassContext", "Pipeline"]
+           "TargetInfo", "GraphPass", "FunctionPass", "PassResult", "Pipeline", "PipelineResult", "TraceConfig",
+           "TracePass", "SelectPass", "InsertMasksPass", "BakePass"]

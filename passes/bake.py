@@ -7,10 +7,9 @@ and the `planc_masks` modules are deleted: the result is a plain GraphModule com
 what the masked one computed. The weight's parameter object is kept (its data changes),
 so optimizers and state-dict keys still match.
 
-Each op node of a baked layer records, in `node.meta[planc.meta.BAKED]`:
-  {"blocks": n, "blocks_pruned": k, "block_sparsity": k/n,
-   "weights": numel, "weights_zero": z, "weight_sparsity": z/numel}
-with k counted from the baked weight (a block is pruned when all its entries are zero).
+Each op node of a baked layer records, in `node.meta[planc.meta.BAKED]`, a BakedRecord:
+the layer's block and its achieved block and weight sparsity, counted from the baked
+weight (a block is pruned when all its entries are zero). The lower pass reads the block.
 
 bake mutates `gm` in place (and the weights it shares with the traced model); Pruned.bake()
 runs it on a deep copy.
@@ -24,14 +23,16 @@ from torch import fx
 
 from planc import meta
 from planc.mask import BlockMask
+from planc.meta import BakedRecord
 
 from .insert_masks import MASKS
 from .nodes import graph_modules, weight_uses
+from .pipeline import GraphPass, PassResult
 
 
 def bake(gm: fx.GraphModule) -> Tuple[fx.GraphModule, bool]:
     """Fold masks into weights; returns (gm, changed)."""
-    records: Dict[int, dict] = {}           # id(weight parameter) -> what bake did to it
+    records: Dict[int, BakedRecord] = {}    # id(weight parameter) -> what bake did to it
     uses = weight_uses(gm)
     with torch.no_grad():
         for use in uses:
@@ -65,11 +66,16 @@ def bake(gm: fx.GraphModule) -> Tuple[fx.GraphModule, bool]:
     return gm, changed
 
 
-def bake_pass(gm, ctx):
-    return bake(gm)
+class BakePass(GraphPass):
+    """bake as a pass (it needs no configuration: the masks carry everything)."""
+
+    name = "bake"
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(*bake(gm))
 
 
-def _fold(weight: torch.nn.Parameter, mask: BlockMask) -> dict:
+def _fold(weight: torch.nn.Parameter, mask: BlockMask) -> BakedRecord:
     view = mask.view
     effective = mask(weight)
     pruned = view.expand((~mask.alive).to(weight.dtype)).bool()
@@ -77,5 +83,6 @@ def _fold(weight: torch.nn.Parameter, mask: BlockMask) -> dict:
     weight.copy_(effective)
     blocks_zero = int((view.block_norms(weight) == 0).sum())
     zeros = int((weight == 0).sum())
-    return {"blocks": view.num_blocks, "blocks_pruned": blocks_zero, "block_sparsity": blocks_zero / view.num_blocks,
-            "weights": weight.numel(), "weights_zero": zeros, "weight_sparsity": zeros / weight.numel()}
+    return BakedRecord(block=tuple(view.block), blocks=view.num_blocks, blocks_pruned=blocks_zero,
+                       block_sparsity=blocks_zero / view.num_blocks, weights=weight.numel(), weights_zero=zeros,
+                       weight_sparsity=zeros / weight.numel())

@@ -18,7 +18,7 @@ Every rewritten node, and the mask call, records the mask's qualified name in
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,10 @@ from torch import fx, nn
 from planc import meta
 from planc.mask import BlockMask
 from planc.plan.registry import METHODS
+from planc.plan.types import Method
 
 from .nodes import WeightUse, weight_uses
+from .pipeline import GraphPass, PassResult
 from .select import TargetInfo
 
 MASKS = "planc_masks"
@@ -79,8 +81,16 @@ def insert_masks(gm: fx.GraphModule, method) -> Tuple[fx.GraphModule, bool]:
     return gm, bool(changed)
 
 
-def insert_masks_pass(gm, ctx):
-    return insert_masks(gm, ctx.plan.method)
+class InsertMasksPass(GraphPass):
+    """insert_masks as a pass, for the plan's method."""
+
+    name = "insert_masks"
+
+    def __init__(self, method: Method):
+        self.method = method
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        return PassResult(*insert_masks(gm, self.method))
 
 
 def masks_of(gm: fx.GraphModule) -> Dict[str, BlockMask]:

@@ -17,26 +17,49 @@ and stays dense when the measurement misses `min_speedup`: the cost model's cons
 come from one machine, and at small sizes fixed per-call costs it does not see decide
 (a 512×64 layer at 64 tokens was predicted 2.0× and ran 0.45×). `planc apply` measures.
 
-The block of a layer comes from what earlier passes recorded (node.meta[BAKED]["block"],
+The block of a layer comes from what earlier passes recorded (node.meta[BAKED].block,
 node.meta[TARGET].block), else from `blocks=` (one (r, c) or a dict by layer name), else
 it is inferred from the zeros: the candidate block with the best predicted speedup among
 those whose all-zero blocks are really zero.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from planc import meta as M
 from planc.blocks import BlockView
-from planc.passes.pipeline import copy_module
+from planc.kernels.conv import BlockSparseConv2d
+from planc.kernels.cost import predict_speedup
+from planc.kernels.format import BlockSparseMatrix
+from planc.kernels.ops import BACKENDS, BlockSparseLinear, resolve_backend
+from planc.timing import interleaved
+
+from .nodes import graph_modules, weight_uses
+from .pipeline import GraphPass, PassResult, Pipeline, copy_module
 
 Block = Tuple[int, int]
 DEFAULT_TOKENS = 512
 CANDIDATE_BLOCKS: Tuple[Block, ...] = ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4))
 _REPORT_KEY = "planc.lower_report"
+
+
+@dataclass(frozen=True)
+class LowerConfig:
+    """What the lower pass needs (lower()'s keyword arguments; see there)."""
+
+    backend: str = "auto"
+    dtype: Optional[torch.dtype] = None
+    min_speedup: float = 1.0
+    tokens: Optional[int] = None
+    blocks: Union[None, Sequence[int], Dict[str, Sequence[int]]] = None
+    measure: bool = False
+    inplace: bool = False
+    verbose: bool = False
 
 
 def lower(gm: fx.GraphModule, backend: str = "auto", dtype: Optional[torch.dtype] = None,
@@ -52,44 +75,43 @@ def lower(gm: fx.GraphModule, backend: str = "auto", dtype: Optional[torch.dtype
     the row count the prediction assumes (default: from the graph's shape metadata, else
     512). measure: also time each linear layer the prediction lowers, and keep it dense
     when it measured below min_speedup (decisions then depend on the machine's load)."""
-    return lower_pass(gm, backend=backend, dtype=dtype, min_speedup=min_speedup, tokens=tokens, blocks=blocks,
-                      inplace=inplace, verbose=verbose, measure=measure)[0]
+    config = LowerConfig(backend=backend, dtype=dtype, min_speedup=min_speedup, tokens=tokens, blocks=blocks,
+                         measure=measure, inplace=inplace, verbose=verbose)
+    return Pipeline([LowerPass(config)]).run(gm).module
 
 
-def lower_pass(gm: fx.GraphModule, **kw) -> Tuple[fx.GraphModule, bool]:
-    """The pass contract: (GraphModule, changed)."""
-    from planc.kernels.ops import BACKENDS
-    from planc.passes.nodes import weight_uses
+class LowerPass(GraphPass):
+    """The lower pass: rewrites the baked pruned layers of a GraphModule."""
 
-    backend = kw.get("backend", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"expected a backend in {BACKENDS}, got {backend!r}")
-    if not kw.get("inplace", False):
-        gm = copy_module(gm)
-    rows: List[dict] = []
-    changed = False
-    for use in weight_uses(gm):
-        row = _lower_one(gm, use, backend=backend, dtype=kw.get("dtype"), min_speedup=float(kw.get("min_speedup", 1.0)),
-                         tokens=kw.get("tokens"), blocks=kw.get("blocks"), measure=bool(kw.get("measure", False)))
-        changed |= row["action"] == "lowered"
-        rows.append(row)
-    for _, g in _graphs(gm):
-        g.graph.eliminate_dead_code()
-        g.graph.lint()
-        g.recompile()
-    _drop_unused_params(gm, rows)
-    gm.meta[_REPORT_KEY] = rows
-    if kw.get("verbose"):
-        print(format_report(rows))
-    return gm, changed
+    name = "lower"
+
+    def __init__(self, config: LowerConfig = LowerConfig()):
+        if config.backend not in BACKENDS:
+            raise ValueError(f"expected a backend in {BACKENDS}, got {config.backend!r}")
+        self.config = config
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        c = self.config
+        if not c.inplace:
+            gm = copy_module(gm)
+        rows: List[dict] = []
+        for use in weight_uses(gm):
+            rows.append(_lower_one(gm, use, backend=c.backend, dtype=c.dtype, min_speedup=float(c.min_speedup),
+                                   tokens=c.tokens, blocks=c.blocks, measure=c.measure))
+        for _, g in graph_modules(gm):
+            g.graph.eliminate_dead_code()
+            g.graph.lint()
+            g.recompile()
+        _drop_unused_params(gm, rows)
+        gm.meta[_REPORT_KEY] = rows
+        if c.verbose:
+            print(format_report(rows))
+        return PassResult(gm, any(row["action"] == "lowered" for row in rows))
 
 
 # ---- one layer -------------------------------------------------------------------------
 
 def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=False) -> dict:
-    from planc.kernels.cost import predict_speedup
-    from planc.kernels.format import BlockSparseMatrix
-    from planc.kernels.ops import resolve_backend
 
     name = use.weight_target[:-len(".weight")] if use.weight_target.endswith(".weight") else use.weight_target
     stored = gm.get_parameter(use.weight_target)
@@ -101,7 +123,7 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
 
     def keep(reason: str) -> dict:
         row["reason"] = reason
-        node.meta[M.LOWERED] = dict(row)
+        node.meta[M.LOWERED] = M.LoweredRecord(**row)
         return row
 
     if use.mask_node is not None:
@@ -129,7 +151,7 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
     if chosen == "dense":
         return keep("backend 'dense' requested")
     if chosen == "triton" and weight.device.type != "cuda":
-        from planc.kernels import triton_bsr
+        from planc.kernels import triton_bsr   # lazy: importing it sets up Triton (TRITON_INTERPRET is read then)
 
         if not triton_bsr.INTERPRET:
             return keep("backend 'triton' needs CUDA weights (or TRITON_INTERPRET=1)")
@@ -150,22 +172,19 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
         reason = f"measured {measured:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens (predicted {speedup:.2f}x)"
     new_node = _replace(gm, use, module)
     row.update(action="lowered", backend=chosen, reason=reason)
-    new_node.meta[M.LOWERED] = dict(row)   # the node kept (call_module) or its replacement
+    new_node.meta[M.LOWERED] = M.LoweredRecord(**row)   # the node kept (call_module) or its replacement
     return row
 
 
 def _measure_linear(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], tokens: int,
                     repeats: int = 9) -> float:
     """Dense time / lowered time of one linear layer on random (tokens, in) inputs."""
-    import torch.nn.functional as F
-
-    from planc.bench import timeit_interleaved
 
     x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device,
                     generator=torch.Generator(device=weight.device).manual_seed(0))
     sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
     with torch.inference_mode():
-        t = timeit_interleaved({"dense": lambda: F.linear(x, weight, bias), "lowered": lambda: module(x)},
+        t = interleaved({"dense": lambda: F.linear(x, weight, bias), "lowered": lambda: module(x)},
                                repeats, sync)
     return t["dense"] / t["lowered"]
 
@@ -194,8 +213,6 @@ def _conv_padding(use, weight) -> Optional[Tuple[int, int]]:
 
 
 def _make_module(use, weight, bsm, bias, backend):
-    from planc.kernels.conv import BlockSparseConv2d
-    from planc.kernels.ops import BlockSparseLinear
 
     # the CPU forward reads blocks by column: store them so (once, and no gather per call)
     order = "col" if backend == "cpu" else "row"
@@ -246,19 +263,13 @@ def _replace(gm: fx.GraphModule, use, module: nn.Module) -> fx.Node:
     return new
 
 
-def _graphs(gm):
-    from planc.passes.nodes import graph_modules
-
-    return list(graph_modules(gm))
-
-
 def _drop_unused_params(gm: fx.GraphModule, rows: List[dict]) -> None:
     """Delete the dense weights (and biases) of lowered layers that no graph reads any
     more: the lowered module holds the kept blocks, and a dense copy left behind would
     make the lowered model bigger than the baked one. The owner may be a GraphModule or
     a plain module (torch.export's unlifted modules keep their parameters in those)."""
     used = set()
-    for owner, g in _graphs(gm):
+    for owner, g in graph_modules(gm):
         for n in g.graph.nodes:
             if n.op == "get_attr":
                 used.add(f"{owner}.{n.target}" if owner else n.target)
@@ -282,8 +293,8 @@ def _drop_unused_params(gm: fx.GraphModule, rows: List[dict]) -> None:
 
 def _block_for(node, name: str, blocks) -> Optional[Block]:
     baked = node.meta.get(M.BAKED)
-    if isinstance(baked, dict) and baked.get("block"):
-        return tuple(int(b) for b in baked["block"])
+    if isinstance(baked, M.BakedRecord):
+        return tuple(baked.block)
     target = node.meta.get(M.TARGET)
     if target is not None and getattr(target, "block", None) and getattr(target, "skip_reason", None) is None:
         return tuple(int(b) for b in target.block)
@@ -297,7 +308,6 @@ def _block_for(node, name: str, blocks) -> Optional[Block]:
 
 def _infer_block(weight, tokens, dtype, backend) -> Optional[Block]:
     """The candidate block whose real zero blocks give the best predicted speedup."""
-    from planc.kernels.cost import predict_speedup
 
     view = BlockView(tuple(weight.shape), (1, 1))
     best, best_s = None, 0.0

@@ -1,63 +1,76 @@
-"""A small pass pipeline. Every pass has one contract, `fn(gm, ctx) -> (gm, changed)`:
-it takes a GraphModule (the trace pass takes the nn.Module) and a PassContext holding
-what it needs from the plan, and says whether it changed anything. The pipeline runs
-passes in order; when one fails it raises a PassError naming that pass and the ones that
-ran before it. A planc error raised inside a pass (TraceError, SelectError, ...) comes
-out as an error of both kinds, so callers may catch either."""
+"""The pass contract and the pipeline that runs passes.
+
+A pass is built with its typed configuration (what it needs from the plan, given once)
+and run on a module: `run(module) -> PassResult(module, changed)`. The five passes —
+TracePass, SelectPass, InsertMasksPass, BakePass, LowerPass — follow it, and every caller
+runs them through a Pipeline: `planc.compile` runs trace → select → insert_masks,
+`Pruned.bake` runs bake, `planc.lower` runs lower. When a pass fails, the Pipeline raises
+a PassError naming it and the passes that ran before it; a planc error raised inside a
+pass (TraceError, SelectError, ...) comes out as an error of both kinds, so callers may
+catch either. What a pass learns goes into `node.meta` as the records of planc.meta."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Type
 
 from planc.errors import PassError, PlancError
 
-PassFn = Callable[[Any, "PassContext"], Tuple[Any, bool]]
+
+@dataclass(frozen=True)
+class PassResult:
+    module: Any          # the (graph) module after the pass
+    changed: bool        # whether the pass changed anything
 
 
-@dataclass
-class PassContext:
-    """What passes read besides the graph. `log` records (pass name, changed) as they run."""
+class GraphPass:
+    """A pass: `name`, and `run(module) -> PassResult`. Subclasses take their typed
+    configuration in __init__."""
 
-    plan: Any = None                          # planc.plan.types.Plan
-    example_inputs: Tuple[Any, ...] = ()
-    frontend: str = "export"
-    options: Dict[str, Any] = field(default_factory=dict)
-    log: List[Tuple[str, bool]] = field(default_factory=list)
+    name: str = ""
+
+    def run(self, module) -> PassResult:
+        raise NotImplementedError
+
+
+class FunctionPass(GraphPass):
+    """A pass from a function `fn(module) -> PassResult` (small passes, tests)."""
+
+    def __init__(self, name: str, fn: Callable[[Any], PassResult]):
+        self.name, self.fn = name, fn
+
+    def run(self, module) -> PassResult:
+        return self.fn(module)
 
 
 @dataclass(frozen=True)
-class Pass:
-    name: str
-    fn: PassFn
-
-    def __call__(self, gm, ctx: PassContext):
-        return self.fn(gm, ctx)
+class PipelineResult(PassResult):
+    log: Tuple[Tuple[str, bool], ...] = ()      # (pass name, changed) in the order they ran
 
 
 class Pipeline:
-    def __init__(self, passes: Sequence[Pass]):
+    def __init__(self, passes: Sequence[GraphPass]):
         names = [p.name for p in passes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"expected distinct pass names, got {names}")
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"expected distinct, non-empty pass names, got {names}")
         self.passes = tuple(passes)
 
-    def run(self, gm, ctx: Optional[PassContext] = None):
-        """Run every pass in order; returns (gm, changed by any pass)."""
-        ctx = ctx if ctx is not None else PassContext()
+    def run(self, module) -> PipelineResult:
+        """Run every pass in order on `module`."""
         ran: List[str] = []
-        any_changed = False
+        log: List[Tuple[str, bool]] = []
         for p in self.passes:
             try:
-                result = p(gm, ctx)
+                result = p.run(module)
             except Exception as err:   # any failure is reported with its place in the pipeline
                 raise _pass_error(err, p.name, ran) from err
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise PassError(p.name, f"expected the pass to return (graph_module, changed), got {type(result).__name__}", ran)
-            gm, changed = result
-            ctx.log.append((p.name, bool(changed)))
-            any_changed |= bool(changed)
+            if not isinstance(result, PassResult):
+                raise PassError(p.name, f"expected the pass to return a PassResult, got {type(result).__name__}", ran)
+            module = result.module
+            log.append((p.name, bool(result.changed)))
             ran.append(p.name)
-        return gm, any_changed
+        return PipelineResult(module, any(changed for _, changed in log), tuple(log))
 
     def __repr__(self) -> str:
         return f"Pipeline({' -> '.join(p.name for p in self.passes)})"
@@ -85,9 +98,6 @@ def copy_module(module):
     """A deep copy of a (graph) module. Copying an exported GraphModule deep-copies its
     pytree specs, which makes torch 2.13 emit a FutureWarning about its own internal
     `LeafSpec` use; that says nothing to a planc user, so it is silenced here only."""
-    import copy
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         return copy.deepcopy(module)

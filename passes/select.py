@@ -28,54 +28,24 @@ dense (nothing would be pruned).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import difflib
 import fnmatch
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import networkx as nx
-from torch import fx, nn
+from torch import fx
 
 from planc import meta
+from planc.meta import TargetInfo, WeightReader
 from planc.blocks import BlockView
 from planc.errors import SelectError
+from planc.plan.types import Plan
 
 from .nodes import WeightUse, graph_modules, weight_uses
-from .ties import WeightReader, readers_by_weight
+from .pipeline import GraphPass, PassResult
+from .ties import readers_by_weight
 
 _PREFIXES = ("module.",)
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    name: str                             # layer name (weight path without `.weight`)
-    op: str                               # linear | conv2d
-    module_type: str                      # class name of the applying module
-    weight_shape: Tuple[int, ...]
-    weight_target: str                    # dotted parameter path in the GraphModule
-    block: Tuple[int, int]
-    sparsity: float                       # the layer's target sparsity (in blocks)
-    min_blocks: int
-    grid: Tuple[int, int]
-    num_blocks: int
-    rule: Optional[int]                   # index of the deciding rule in targets.rules
-    skip_reason: Optional[str]            # None: the layer is pruned
-    order: int                            # position among layers, in graph (topological) order
-    module_name: str = ""
-    bias_target: Optional[str] = None
-    transposed: bool = False              # weight stored (in, out): a Conv1D-style linear
-    shared_with: Tuple[WeightReader, ...] = ()   # the weight's other uses (tied weights)
-
-    @property
-    def targeted(self) -> bool:
-        return self.skip_reason is None
-
-    @property
-    def blocks_kept(self) -> int:
-        """Blocks alive at the target sparsity (all of them for a dense layer)."""
-        from planc.blocks import sparsify_grid_count
-
-        return self.num_blocks - (sparsify_grid_count(self.num_blocks, self.sparsity) if self.targeted else 0)
 
 
 def select(gm: fx.GraphModule, targets) -> Tuple[fx.GraphModule, bool]:
@@ -102,8 +72,21 @@ def select(gm: fx.GraphModule, targets) -> Tuple[fx.GraphModule, bool]:
     return gm, changed
 
 
-def select_pass(gm, ctx):
-    return select(gm, ctx.plan.targets)
+class SelectPass(GraphPass):
+    """select as a pass, for a resolved plan: its errors about a plan key are placed at
+    that key's file:line:col."""
+
+    name = "select"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        try:
+            gm, changed = select(gm, self.plan.targets)
+        except SelectError as err:
+            raise err.placed(self.plan) from None
+        return PassResult(gm, changed)
 
 
 def targets_of(gm: fx.GraphModule) -> Tuple[TargetInfo, ...]:
@@ -232,10 +215,10 @@ def _check_something_pruned(infos: Sequence[TargetInfo]) -> None:
     if any(info.targeted for info in infos):
         return
     if not infos:
-        raise SelectError("targets: no layer to prune: the model applies no weight through a Linear or Conv2d layer")
+        raise SelectError("no layer to prune: the model applies no weight through a Linear or Conv2d layer", "targets")
     reasons = "; ".join(f"{info.name}: {info.skip_reason}" for info in infos[:4])
     more = f"; and {len(infos) - 4} more" if len(infos) > 4 else ""
-    raise SelectError(f"targets: no layer to prune: all {len(infos)} layers stay dense ({reasons}{more})")
+    raise SelectError(f"no layer to prune: all {len(infos)} layers stay dense ({reasons}{more})", "targets")
 
 
 def _check_rules(rules, layers: Dict[str, List[WeightUse]], first, last) -> None:
@@ -247,7 +230,8 @@ def _check_rules(rules, layers: Dict[str, List[WeightUse]], first, last) -> None
         m = rule.match
         desc = ", ".join(f"{k}: {v}" for k, v in (("type", m.type), ("name", m.name), ("position", m.position)) if v is not None)
         if not names:
-            raise SelectError(f"targets.rules[{index}]: match {{{desc}}} matches no layer: the model has no Linear or Conv2d layer")
+            raise SelectError(f"match {{{desc}}} matches no layer: the model has no Linear or Conv2d layer",
+                              f"targets.rules[{index}]")
         hint = ""
         if m.name is not None:
             key = _strip(m.name).replace("*", "").replace("?", "")
@@ -256,7 +240,7 @@ def _check_rules(rules, layers: Dict[str, List[WeightUse]], first, last) -> None
         if m.type is not None:
             types = sorted({g[0].module_type for g in layers.values() if g[0].module_type})
             hint += f"; layer types in the model: {', '.join(types)}"
-        raise SelectError(f"targets.rules[{index}]: match {{{desc}}} matches no layer{hint}")
+        raise SelectError(f"match {{{desc}}} matches no layer{hint}", f"targets.rules[{index}]")
 
 
 def _decide(gm, name, use: WeightUse, group, order, targets, is_first, is_last, others) -> TargetInfo:

@@ -14,7 +14,6 @@ the Parameter's identity, so readers are collected by `id(parameter)` over every
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -22,24 +21,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from planc.mask import BlockMask
+from planc.meta import WeightReader
 
 from .nodes import WeightUse, graph_modules, module_path
 
 aten = torch.ops.aten
 _EMBEDDING_FUNCTIONS = (aten.embedding.default, F.embedding, aten.embedding_bag.default, aten._embedding_bag.default)
-
-
-@dataclass(frozen=True)
-class WeightReader:
-    """One use of a weight: the module that reads it and how."""
-
-    module_name: str          # qualified module name ('' for the model's own forward)
-    kind: str                 # 'linear' | 'linear^T' | 'conv2d' | 'embedding' | an op's name
-    weight_target: str        # the dotted name the graph reads it by
-
-    @property
-    def label(self) -> str:
-        return self.module_name or self.weight_target
 
 
 def readers_by_weight(gm: fx.GraphModule, uses: Sequence[WeightUse]) -> Dict[str, Tuple[WeightReader, ...]]:

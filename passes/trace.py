@@ -44,6 +44,7 @@ import inspect
 import io
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -54,6 +55,7 @@ from torch.utils import _pytree as pytree
 from planc.errors import TraceError
 
 from .nodes import weight_uses
+from .pipeline import GraphPass, PassResult
 
 FRONTENDS = ("export", "symbolic", "auto")
 aten = torch.ops.aten
@@ -164,13 +166,31 @@ def trace(model: nn.Module, example_inputs: Any = (), *, frontend: str = "export
     raise TraceError(f"could not trace {name} ({frontend} frontend): " + "; ".join(reasons))
 
 
-def trace_pass(model, ctx) -> Tuple[fx.GraphModule, bool]:
-    """The pipeline form: reads frontend, example inputs and options from the context."""
-    opts = dict(ctx.options)
-    gm = trace(model, ctx.example_inputs, frontend=ctx.frontend, dynamic=opts.get("dynamic", True),
-               dynamic_shapes=opts.get("dynamic_shapes"), leaf_modules=opts.get("leaf_modules", ()),
-               check=opts.get("check", True))
-    return gm, gm is not model
+@dataclass(frozen=True)
+class TraceConfig:
+    """What trace needs (trace()'s arguments; see there)."""
+
+    example_inputs: Any = ()
+    frontend: str = "export"
+    dynamic: bool = True
+    dynamic_shapes: Any = None
+    leaf_modules: Tuple[Any, ...] = ()
+    check: bool = True
+
+
+class TracePass(GraphPass):
+    """trace as a pass: takes the nn.Module, gives the GraphModule."""
+
+    name = "trace"
+
+    def __init__(self, config: TraceConfig):
+        self.config = config
+
+    def run(self, model) -> PassResult:
+        c = self.config
+        gm = trace(model, c.example_inputs, frontend=c.frontend, dynamic=c.dynamic, dynamic_shapes=c.dynamic_shapes,
+                   leaf_modules=c.leaf_modules, check=c.check)
+        return PassResult(gm, gm is not model)
 
 
 # ---- export -----------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 import json
 import os
 import platform
-import statistics
-import time
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from planc.timing import interleaved
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,27 +57,6 @@ class Cell:
     @property
     def ideal(self) -> float:
         return 1.0 / max(1e-9, 1.0 - self.sparsity)
-
-
-def _timeit(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    """Median ms of one callable (after two warm-up calls)."""
-    return timeit_interleaved({"fn": fn}, repeats, sync)["fn"]
-
-
-def timeit_interleaved(fns: dict, repeats: int, sync: Callable[[], None] = lambda: None) -> dict:
-    """Median ms of each callable, timed in turn within every repetition (after two
-    warm-up calls each), so that changing load affects all of them alike."""
-    for fn in fns.values():
-        fn(); fn()
-    sync()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def load_average() -> Optional[float]:
@@ -147,11 +126,11 @@ def bench_cell(shape, tokens, block, sparsity, dtype="fp32", backend="cpu", repe
     ref = x.double() @ w.double().t()
     err = float(((ours_fwd().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
     load = load_average()
-    fwd = timeit_interleaved(dict(dense=dense_fwd, ours=ours_fwd, **({"bsr": bsr_fwd} if bsr_fwd else {})),
+    fwd = interleaved(dict(dense=dense_fwd, ours=ours_fwd, **({"bsr": bsr_fwd} if bsr_fwd else {})),
                               repeats, sync)
     bwd = {}
     if backward:
-        bwd = timeit_interleaved(dict(dense=dense_bwd, ours=ours_bwd, **({"bsr": bsr_dx} if bsr_dx else {})),
+        bwd = interleaved(dict(dense=dense_bwd, ours=ours_bwd, **({"bsr": bsr_dx} if bsr_dx else {})),
                                   repeats, sync)
     cell = Cell(shape=(R, C), tokens=tokens, block=block, sparsity=round(achieved, 4), dtype=dtype, backend=backend,
                 dense_fwd_ms=fwd["dense"], ours_fwd_ms=fwd["ours"], bsr_fwd_ms=fwd.get("bsr"),
@@ -186,7 +165,7 @@ def model_comparison(hidden: int, block: int, sparsity: float, tokens: int = 512
     with torch.no_grad():
         a, b = baked(x), lowered(x)
         err = float(((a - b).abs().max() / a.abs().max()).item())
-        t = timeit_interleaved(dict(baked=lambda: baked(x), lowered=lambda: lowered(x)), repeats, lambda: None)
+        t = interleaved(dict(baked=lambda: baked(x), lowered=lambda: lowered(x)), repeats, lambda: None)
         tb, tl = t["baked"], t["lowered"]
     lowered_layers = [r["layer"] for r in report(lowered) if r["action"] == "lowered"]
     return dict(model=f"digits MLP 64-{hidden}-{hidden}-10", block=block, sparsity=sparsity, tokens=tokens,

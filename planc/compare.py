@@ -39,7 +39,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -317,7 +317,7 @@ def measure_speedup(model, plan, tokens: int = 512, repeats: int = 10) -> Option
     from torch import fx
 
     import planc
-    from planc.bench import _timeit
+    from planc.timing import median_ms
     from planc.passes.lower import report as lower_report
 
     try:
@@ -333,8 +333,8 @@ def measure_speedup(model, plan, tokens: int = 512, repeats: int = 10) -> Option
     lowered = planc.lower(gm, backend="cpu", min_speedup=1.0, tokens=tokens)
     done = [r["layer"] for r in lower_report(lowered) if r["action"] == "lowered"]
     with torch.no_grad():
-        tb = _timeit(lambda: gm(x), repeats, lambda: None)
-        tl = _timeit(lambda: lowered(x), repeats, lambda: None)
+        tb = median_ms(lambda: gm(x), repeats, lambda: None)
+        tl = median_ms(lambda: lowered(x), repeats, lambda: None)
     return {"speedup": tb / tl if done else None, "baked_ms": tb, "lowered_ms": tl, "tokens": tokens,
             "lowered_layers": done}
 

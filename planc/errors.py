@@ -49,7 +49,18 @@ class TraceError(PlancError):
 
 
 class SelectError(PlancError):
-    """The plan's rules do not fit the model (a rule that matches nothing, ...)."""
+    """The plan's rules do not fit the model (a rule that matches nothing, ...). `path`
+    is the plan key at fault ("targets.rules[0]"); `placed(plan)` puts the message at
+    that key's file:line:col, as the loader's errors are."""
+
+    def __init__(self, message: str, path: str = ""):
+        self.path, self.detail = path, message
+        super().__init__(f"{path}: {message}" if path else message)
+
+    def placed(self, plan) -> "SelectError":
+        if not self.path or getattr(plan, "positions", None) is None:
+            return self                         # a plan built in Python: no file to point into
+        return SelectError(str(plan.problem(self.path, self.detail)))
 
 
 class FactoryError(PlancError):

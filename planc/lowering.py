@@ -5,24 +5,13 @@ is lowered only if predicted and timed faster alone (passes/lower.py, measure=Tr
 the lowering as a whole is kept only if the whole model also measured faster."""
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Optional, Sequence, Tuple
 
 import torch
 
+from planc.passes.lower import lower, report
 from planc.plan.types import Plan
-
-
-def _median_ms(module: torch.nn.Module, inputs: Sequence[torch.Tensor], repeats: int) -> float:
-    with torch.inference_mode():
-        module(*inputs)                                  # warm-up: caches, first-call costs
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            module(*inputs)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from planc.timing import interleaved
 
 
 def lower_and_measure(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Tensor], repeats: int = 20) -> dict:
@@ -35,8 +24,6 @@ def lower_for_run(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Ten
                   repeats: int = 20) -> Tuple[dict, Optional[torch.nn.Module]]:
     """(lower_and_measure's summary, the lowered model, or None when no layer was lowered
     or the whole lowered model measured slower and the model stays dense)."""
-    from planc.passes.lower import lower, report
-
     dtype = getattr(torch, plan.lower.dtype) if plan.lower.dtype else None
     # measure=True: a layer the cost model would lower stays dense if it times slower here
     lowered = lower(baked, backend=plan.lower.backend, dtype=dtype, min_speedup=plan.lower.min_speedup,
@@ -54,8 +41,9 @@ def lower_for_run(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Ten
         "threads": torch.get_num_threads(),
     }
     if summary["lowered_layers"]:
-        baked_ms = _median_ms(baked, inputs, repeats)
-        lowered_ms = _median_ms(lowered, inputs, repeats)
+        with torch.inference_mode():
+            t = interleaved({"baked": lambda: baked(*inputs), "lowered": lambda: lowered(*inputs)}, repeats)
+        baked_ms, lowered_ms = t["baked"], t["lowered"]
         summary.update(baked_ms=baked_ms, lowered_ms=lowered_ms, speedup=baked_ms / lowered_ms)
         if summary["speedup"] < plan.lower.min_speedup:
             # Layers that time faster alone can still slow the whole model (the CPU path

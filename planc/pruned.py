@@ -7,7 +7,8 @@
     pruned.bake()        # a plain GraphModule with exact zeros (the Pruned stays usable)
 
 The training-time methods (param_groups, attach, step, state_dict, ...) are thin
-delegations to planc.runtime.Runtime, created on first use.
+delegations to its one planc.runtime.Runtime (`pruned.pruning_runtime()`), created on
+first use.
 """
 from __future__ import annotations
 
@@ -16,24 +17,20 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from planc.passes.bake import bake_pass
-from planc.passes.insert_masks import insert_masks_pass, masks_of
-from planc.passes.pipeline import Pass, PassContext, Pipeline, copy_module
-from planc.passes.select import TargetInfo, select_pass, targets_of
-from planc.passes.trace import trace_pass
+from planc.distributed import unwrap
+from planc.passes.bake import BakePass
+from planc.passes.insert_masks import InsertMasksPass, masks_of
+from planc.passes.pipeline import Pipeline, copy_module
+from planc.passes.select import SelectPass, TargetInfo, targets_of
+from planc.passes.trace import TraceConfig, TracePass
+from planc.plan.load import load_plan
 from planc.plan.types import ModelSpec, Plan
 from planc.runtime.access import RuntimeAccess
-
-PIPELINE = Pipeline([Pass("trace", trace_pass), Pass("select", select_pass), Pass("insert_masks", insert_masks_pass)])
 
 
 def as_plan(plan) -> Plan:
     """A Plan as is; anything else goes through planc.load_plan (path, YAML text, dict)."""
-    if isinstance(plan, Plan):
-        return plan
-    import planc
-
-    return planc.load_plan(plan)
+    return plan if isinstance(plan, Plan) else load_plan(plan)
 
 
 def example_inputs_for(spec: ModelSpec, seed: int = 0) -> Tuple[torch.Tensor, ...]:
@@ -56,18 +53,16 @@ def compile(model: nn.Module, plan, example_inputs=None, *, frontend: Optional[s
     model.frontend. Raises a PassError naming the failing pass (also a TraceError or
     SelectError when that is what went wrong)."""
     plan = as_plan(plan)
-    from planc.distributed import unwrap
-
     model = unwrap(model)          # DDP(model) compiles the model inside (planc.distributed)
     if example_inputs is None:
         example_inputs = example_inputs_for(plan.model)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    ctx = PassContext(plan=plan, example_inputs=example_inputs, frontend=frontend or plan.model.frontend,
-                      options={"dynamic": plan.model.dynamic_batch, "dynamic_shapes": dynamic_shapes,
-                               "leaf_modules": tuple(leaf_modules), "check": check})
-    gm, _ = PIPELINE.run(model, ctx)
-    return Pruned(gm, plan, example_inputs=example_inputs)
+    trace = TraceConfig(example_inputs=example_inputs, frontend=frontend or plan.model.frontend,
+                        dynamic=plan.model.dynamic_batch, dynamic_shapes=dynamic_shapes,
+                        leaf_modules=tuple(leaf_modules), check=check)
+    pipeline = Pipeline([TracePass(trace), SelectPass(plan), InsertMasksPass(plan.method)])
+    return Pruned(pipeline.run(model).module, plan, example_inputs=example_inputs)
 
 
 class Pruned(RuntimeAccess):
@@ -92,8 +87,7 @@ class Pruned(RuntimeAccess):
 
     def bake(self) -> fx.GraphModule:
         """A deep copy of .module with masks folded into the weights (passes.bake)."""
-        gm, _ = bake_pass(copy_module(self.module), None)
-        return gm
+        return Pipeline([BakePass()]).run(copy_module(self.module)).module
 
     def table(self) -> str:
         """The layer table: one row per weight-applying layer."""

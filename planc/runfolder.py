@@ -167,7 +167,7 @@ def save(out: str, pruned, *, baked=None, lowered=None, example_inputs: Optional
         clear_run(out)
     baked = pruned.bake().eval() if baked is None else baked
     inputs = tuple(example_inputs) if example_inputs is not None else example_inputs_for(pruned.plan.model)
-    runtime = pruned.runtime
+    runtime = pruned.pruning_runtime()
     report = make_report(pruned.plan, runtime, {}, [], {})
     write(out, pruned.plan, pruned, baked, report, list(runtime.events), lowered=lowered, inputs=inputs)
     return out

@@ -335,8 +335,8 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
     model = call_factory(plan, "model.factory")
     train_loader, eval_loader = call_factory(plan, "train.data")
     pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
-    runtime = Runtime(pruned, events_path=session.events_path)
-    pruned.runtime = runtime                     # Pruned's delegations use this runtime
+    runtime = pruned.pruning_runtime()
+    runtime.record_to(session.events_path)
     opt = make_optimizer(plan, runtime)
     base_lrs = [g["lr"] for g in opt.param_groups]
     runtime.attach(opt)

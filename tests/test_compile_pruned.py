@@ -50,13 +50,13 @@ def test_compile_errors_name_the_pass():
 
 
 def test_runtime_delegations_are_lazy(monkeypatch):
-    import planc.runtime
+    import planc.runtime.access
 
     calls = []
 
     class FakeRuntime:
-        def __init__(self, pruned):
-            calls.append(pruned)
+        def __init__(self, plan, module, masks, weight, targets):
+            calls.append(plan)
             self.events, self.phase = ["e"], "dense"
 
         def param_groups(self, **kw):
@@ -65,7 +65,7 @@ def test_runtime_delegations_are_lazy(monkeypatch):
         def step(self):
             return "stepped"
 
-    monkeypatch.setattr(planc.runtime, "Runtime", FakeRuntime)
+    monkeypatch.setattr(planc.runtime.access, "Runtime", FakeRuntime)
     p = planc.compile(mlp(hidden=8), skip_last(), torch.randn(2, 64))
     assert p.runtime is None
     assert p.param_groups(lr=0.1) == [{"lr": 0.1}] and p.step() == "stepped"

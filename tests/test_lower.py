@@ -15,7 +15,7 @@ from planc.blocks import BlockView  # noqa: E402
 from planc.examples.digits import cnn, mlp  # noqa: E402
 from planc.kernels.conv import BlockSparseConv2d  # noqa: E402
 from planc.kernels.ops import BlockSparseLinear  # noqa: E402
-from planc.passes.lower import format_report, lower_pass, report  # noqa: E402
+from planc.passes.lower import LowerConfig, LowerPass, format_report, report  # noqa: E402
 
 
 def prune(model, block, sparsity, skip=("head",), seed=0):
@@ -60,7 +60,7 @@ def test_lower_mlp_matches_baked(frontend):
     assert len(sparse_modules(lowered)) == 2
     # every weight node says what was done; the baked graph is untouched
     recorded = [n.meta[M.LOWERED] for n in lowered.graph.nodes if M.LOWERED in n.meta]
-    assert sorted(r["layer"] for r in recorded) == ["head", "layers.0", "layers.2"]
+    assert sorted(r.layer for r in recorded) == ["head", "layers.0", "layers.2"]
     assert not sparse_modules(baked)
     assert "layers.0" in format_report(report(lowered))
 
@@ -82,7 +82,8 @@ def test_lower_conv_net_matches_baked(frontend):
 def test_lower_backend_dense_and_min_speedup_keep_layers_dense():
     model = prune(mlp(hidden=128), (16, 16), 0.75)
     baked = fx.symbolic_trace(model)
-    gm, changed = lower_pass(baked, backend="dense", blocks=(16, 16))
+    result = LowerPass(LowerConfig(backend="dense", blocks=(16, 16))).run(baked)
+    gm, changed = result.module, result.changed
     assert not changed and not sparse_modules(gm)
     assert report(gm)[0]["reason"] == "backend 'dense' requested"
     gm = planc.lower(baked, backend="cpu", min_speedup=1e6, blocks=(16, 16))
@@ -134,7 +135,8 @@ def test_lower_reads_the_block_from_node_meta():
     baked = fx.symbolic_trace(model)
     for n in baked.graph.nodes:
         if n.op == "call_module" and n.target.startswith("layers"):
-            n.meta[M.BAKED] = {"block": (32, 16)}
+            n.meta[M.BAKED] = M.BakedRecord(block=(32, 16), blocks=0, blocks_pruned=0, block_sparsity=0.0,
+                                            weights=0, weights_zero=0, weight_sparsity=0.0)
     lowered = planc.lower(baked, backend="cpu", min_speedup=0)
     assert {r["block"] for r in report(lowered) if r["action"] == "lowered"} == {(32, 16)}
     x = torch.randn(9, 64)

@@ -49,8 +49,8 @@ def test_a_lowering_that_slows_the_whole_model_is_kept_dense(monkeypatch):
     from planc.passes import lower as lower_module
 
     monkeypatch.setattr(lower_module, "_measure_linear", lambda module, weight, bias, tokens: 2.0)
-    times = iter([1.0, 4.0])                                 # baked 1 ms, lowered 4 ms
-    monkeypatch.setattr(lowering, "_median_ms", lambda module, inputs, repeats: next(times))
+    # baked 1 ms, lowered 4 ms (planc.timing's interleaved medians)
+    monkeypatch.setattr(lowering, "interleaved", lambda fns, repeats: {"baked": 1.0, "lowered": 4.0})
     plan, baked = _baked()
     plan = dataclasses.replace(plan, lower=Lower(backend="cpu", min_speedup=0.5))
     summary = lower_and_measure(baked, plan, (torch.randn(48, 64),), repeats=3)

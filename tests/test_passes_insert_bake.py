@@ -96,9 +96,9 @@ def test_bake_folds_masks_with_exact_zeros():
         mask = masks_of(gm)[t.name]
         w = baked.get_parameter(t.weight_target)
         assert torch.all(mask.view.to_blocks(w)[~mask.alive] == 0)
-        assert rec["blocks"] == t.num_blocks and rec["blocks_pruned"] == int((~mask.alive).sum())
-        assert rec["block_sparsity"] == pytest.approx(rec["blocks_pruned"] / rec["blocks"])
-        assert rec["weight_sparsity"] == pytest.approx(float((w == 0).float().mean()))
+        assert rec.blocks == t.num_blocks and rec.blocks_pruned == int((~mask.alive).sum())
+        assert rec.block_sparsity == pytest.approx(rec.blocks_pruned / rec.blocks) and rec.block == t.block
+        assert rec.weight_sparsity == pytest.approx(float((w == 0).float().mean()))
     # the masked module still works and is unchanged
     assert max_diff(run(gm, x), expected) == 0
 

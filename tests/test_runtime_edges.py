@@ -166,9 +166,8 @@ def test_pretrained_schedule_prunes_at_step_zero_by_block_norm():
 
 def test_wrong_mask_mode_is_rejected():
     from _runtime_fakes import FakePruned, MLP, make_plan
-    from planc.runtime import Runtime
     plan = make_plan("acdc", phases(("dense", 1)))
     fake = FakePruned(MLP(), plan, ["fc1"])
     fake.plan = make_plan("powerprop", phases(("dense", 1)))
     with pytest.raises(RuntimeStateError, match="powerprop"):
-        Runtime(fake)
+        fake.pruning_runtime()

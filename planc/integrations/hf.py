@@ -54,7 +54,7 @@ class PlancCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
             raise RuntimeError("PlancCallback: the Trainer passed no optimizer to on_train_begin")
-        rt = self.pruned._rt()
+        rt = self.pruned.pruning_runtime()
         self._maybe_resume(args, state)
         rt.attach(_unwrap(optimizer))
         end = rt.phases[-1].end if rt.phases else 0

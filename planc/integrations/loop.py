@@ -16,7 +16,7 @@ def schedule_steps(pruned) -> int:
 
 
 def _runtime(pruned):
-    return pruned._rt() if hasattr(pruned, "_rt") else pruned.runtime
+    return pruned.pruning_runtime()
 
 
 def _batches(data: Iterable) -> Iterator:

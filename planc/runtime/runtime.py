@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ from planc.blocks import sparsify_grid_count
 from planc import distributed
 from planc.errors import RuntimeStateError
 from planc.mask import BlockMask
-from planc.plan.types import Phase
+from planc.plan.types import Phase, Plan
 from planc.runtime import schedule as sched
 from planc.runtime.methods import make_method, select_prune
 from planc.safeio import append_text, atomic_write_text
@@ -53,34 +53,30 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _target_sparsities(pruned) -> Dict[str, float]:
-    """Layer name -> target sparsity, from the compiled targets (TargetInfo records)."""
-    out: Dict[str, float] = {}
-    for info in getattr(pruned, "targets", ()) or ():
-        name = getattr(info, "name", None)
-        sparsity = getattr(info, "sparsity", None)
-        if name is not None and sparsity is not None:
-            out[str(name)] = float(sparsity)
-    return out
-
-
 class Runtime:
-    def __init__(self, pruned, *, targets: Optional[Mapping[str, float]] = None,
+    """The phase schedule of one compiled model. It is given what it works on — the plan,
+    the module (whose parameters the optimizer groups cover), the masks, how to reach a
+    masked layer's raw weight, and each masked layer's target sparsity — and owns the
+    supports, the step and the event log. planc.runtime.access creates one per compiled
+    model, on first use."""
+
+    def __init__(self, plan: Plan, module: torch.nn.Module, masks: Mapping[str, BlockMask],
+                 weight: Callable[[str], torch.nn.Parameter], targets: Mapping[str, float], *,
                  events_path: Optional[str] = None):
-        self.pruned = pruned
-        self.plan = pruned.plan
+        self.plan = plan
+        self.module = module
+        self.weight = weight
         self.phases = tuple(self.plan.schedule.phases)
         self.method = make_method(self.plan.method)
         if self.plan.targets.budget != "per_layer":
             raise RuntimeStateError(
                 f"targets.budget {self.plan.targets.budget!r} is not implemented by the runtime; "
                 "use 'per_layer' (the paper's choice: per-layer uniform pruning beat global pruning)")
-        self.masks: Dict[str, BlockMask] = dict(pruned.masks)
-        found = dict(targets) if targets is not None else _target_sparsities(pruned)
-        missing = [n for n in self.masks if n not in found]
+        self.masks: Dict[str, BlockMask] = dict(masks)
+        missing = [n for n in self.masks if n not in targets]
         if missing:
             raise RuntimeStateError(f"no target sparsity known for masked layers {missing}")
-        self.targets = {n: float(found[n]) for n in self.masks}
+        self.targets = {n: float(targets[n]) for n in self.masks}
         for name, mask in self.masks.items():
             self.method.check(name, mask)
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -88,6 +84,11 @@ class Runtime:
         self.phase_index = -1
         self.started = False
         self.events: List[dict] = []
+        self.events_path = events_path
+
+    def record_to(self, events_path: Optional[str]) -> None:
+        """Append every event from now on to `events_path` (JSON lines; None: keep them
+        in memory only). The trainer points it at the run folder's events.jsonl."""
         self.events_path = events_path
 
     # ---- public surface -----------------------------------------------------------
@@ -107,7 +108,7 @@ class Runtime:
         Other keyword arguments (momentum, betas, ...) go to both groups."""
         logits = [m.logits for m in self.masks.values() if m.logits is not None]
         logit_ids = {id(p) for p in logits}
-        weights = [p for p in self.pruned.module.parameters() if id(p) not in logit_ids]
+        weights = [p for p in self.module.parameters() if id(p) not in logit_ids]
         base = dict(kwargs)
         wg = dict(base, params=weights, name="weights")
         lg = dict(base, params=logits, name="logits")
@@ -169,7 +170,7 @@ class Runtime:
         rows = []
         for name, mask in self.masks.items():
             n, alive = mask.num_blocks, int(mask.alive.sum())
-            w = self.pruned.weight(name).detach()
+            w = self.weight(name).detach()
             eff = mask.effective_weight(w)
             row = {
                 "layer": name,
@@ -372,7 +373,7 @@ class Runtime:
         mask = self.masks[name]
         if int((~mask.alive).sum()) >= total:
             return 0
-        weight = self.pruned.weight(name)
+        weight = self.weight(name)
         scores = self.method.score(mask, weight)
         newly = select_prune(scores, mask.alive, total)
         newly = distributed.broadcast_decision(newly)   # every rank applies rank 0's choice (planc.distributed)
@@ -386,7 +387,7 @@ class Runtime:
         if not bool(blocks.any()):
             return
         mask = self.masks[name]
-        weight = self.pruned.weight(name)
+        weight = self.weight(name)
         hit = mask.view.expand(blocks.to(torch.bool)).to(weight.device)
         weight.masked_fill_(hit, 0)
         if self.optimizer is not None:
@@ -398,7 +399,7 @@ class Runtime:
     def _enforce_zeros(self) -> None:
         for name, mask in self.masks.items():
             if not bool(mask.alive.all()):
-                weight = self.pruned.weight(name)
+                weight = self.weight(name)
                 weight.masked_fill_(mask.view.expand(~mask.alive).to(weight.device), 0)
 
     def _reset_optimizer(self) -> None:

@@ -1,0 +1,36 @@
+"""How planc times things: one module, one rule, used by the lower pass (per-layer
+checks), `planc apply` (the whole-model check), `planc compare --bench` and `planc bench`.
+
+The rule: candidates are timed **interleaved** — within every repetition each callable
+runs once, in turn — after two warm-up calls each, and each time is the **median** of
+the repetitions. Load that changes during a measurement then affects every candidate
+alike, and one slow outlier does not move the result. Speed claims are ratios of such
+medians measured in one process (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int,
+                sync: Callable[[], None] = lambda: None) -> Dict[str, float]:
+    """Median milliseconds of each callable, timed in turn within every repetition.
+    `sync` waits for queued device work (torch.cuda.synchronize on a GPU)."""
+    for fn in fns.values():
+        fn(); fn()
+    sync()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median milliseconds of one callable (after two warm-up calls)."""
+    return interleaved({"fn": fn}, repeats, sync)["fn"]
