@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     import planc
     from planc.examples.minilm import model
-    from planc.train import scale_schedule
+    from planc.plan.presets import scale_schedule
 
     plan = scale_schedule(planc.load_plan(os.path.join(ROOT, "plans", "minilm-sapp.yaml")), args.steps)
     ids = text_windows(args.seq, args.batch * 8 + 32)

@@ -1,6 +1,6 @@
 """Triton kernels for the block-sparse linear map Y = X·Wᵀ + b, W in BlockSparseMatrix form.
 
-Layout (design.md, "Kernels"): tokens are the M dimension, tiled by BLOCK_M; each program
+Layout: tokens are the M dimension, tiled by BLOCK_M; each program
 owns one block-row of W (r output features) and walks its nonzero blocks through the row
 pointers, so the weight block never sets the M tile (PyTorch's BSR kernel's weakness).
 

@@ -30,6 +30,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from planc.mask import BlockMask
+import sys
 
 aten = torch.ops.aten
 
@@ -191,8 +193,6 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 def _unmask(g: fx.GraphModule, value):
     """(weight node, BlockMask call node or None): sees through an inserted mask."""
-    from planc.mask import BlockMask
-
     if isinstance(value, fx.Node) and value.op == "call_module" and value.args:
         try:
             mod = g.get_submodule(value.target)
@@ -269,8 +269,6 @@ def _module_of(g: fx.GraphModule, owner: str, node: fx.Node, weight_target: str)
 
 def _resolve(path: str):
     """The class a dotted path names, if it is importable (never imports new modules)."""
-    import sys
-
     module, _, name = path.rpartition(".")
     obj = sys.modules.get(module)
     return getattr(obj, name, None) if obj is not None else None

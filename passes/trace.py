@@ -1,6 +1,6 @@
 """trace: an nn.Module and example inputs -> an fx GraphModule that behaves like it.
 
-Frontends (design.md, "Tracing real models"):
+Frontends (docs/passes.md, "trace"):
 
 - `export` (default): `torch.export.export(strict=False)` with the batch dimension of
   every tensor input, and the sequence dimension of 2-D integer (token id) inputs, left

@@ -17,21 +17,21 @@ from planc.errors import PlancError, PlanError, PassError, Problem  # noqa: F401
 
 def load_plan(source, *, file=None):
     """A resolved, validated Plan from a path, YAML text or a dict. Raises PlanError."""
-    from planc.plan.load import load_plan as _load
+    from planc.plan.load import load_plan as _load   # lazy: see the module doc
 
     return _load(source, file=file)
 
 
 def compile(model, plan, example_inputs=None, **kwargs):
     """trace + select + insert_masks: a Pruned object (see planc.pruned)."""
-    from planc.pruned import compile as _compile
+    from planc.pruned import compile as _compile   # lazy: see the module doc
 
     return _compile(model, plan, example_inputs, **kwargs)
 
 
 def lower(graph_module, backend: str = "auto", **kwargs):
     """Rewrite baked pruned layers to block-sparse kernels (see planc.passes.lower)."""
-    from planc.passes.lower import lower as _lower
+    from planc.passes.lower import lower as _lower   # lazy: see the module doc
 
     return _lower(graph_module, backend=backend, **kwargs)
 
@@ -39,7 +39,7 @@ def lower(graph_module, backend: str = "auto", **kwargs):
 def save(out, pruned, *, baked=None, lowered=None, example_inputs=None, overwrite=False):
     """Write a run folder for a model pruned in your own loop (see planc.runfolder.save):
     then `planc.load(out)` gives the lowered model back, without your code."""
-    from planc.runfolder import save as _save
+    from planc.runfolder import save as _save   # lazy: see the module doc
 
     return _save(out, pruned, baked=baked, lowered=lowered, example_inputs=example_inputs, overwrite=overwrite)
 
@@ -49,6 +49,6 @@ def load(run_dir, model=None, *, lowered=True, trust_factory=False):
     its lowered program (block-sparse kernels), or with `lowered=False` its baked program
     (dense layout, pruned blocks zero). `model=` loads the baked weights into your own
     module instead. See planc.runfolder and docs/robustness.md (the trust model)."""
-    from planc.runfolder import load as _load
+    from planc.runfolder import load as _load   # lazy: see the module doc
 
     return _load(run_dir, model, lowered=lowered, trust_factory=trust_factory)

@@ -20,6 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from planc.timing import interleaved
+from planc.blocks import BlockView, sparsify_grid_count
+from planc.kernels.format import BlockSparseMatrix
+from planc.kernels import cpu as cpu_k
+from torch import fx, nn
+from planc.examples.digits import mlp
+from planc.passes.lower import lower, report
+from planc.kernels.cost import choose_cpu_strategy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -67,8 +74,6 @@ def load_average() -> Optional[float]:
 
 
 def _random_block_sparse(R, C, block, sparsity, dtype, device, gen):
-    from planc.blocks import BlockView, sparsify_grid_count
-
     view = BlockView((R, C), (block, block))
     n = view.num_blocks
     pruned = sparsify_grid_count(n, sparsity)
@@ -84,9 +89,6 @@ def bench_cell(shape, tokens, block, sparsity, dtype="fp32", backend="cpu", repe
                seed=0, strategy: Optional[str] = None) -> Cell:
     """One shape: dense, ours and BSR forward (and backward) on the same inputs. On CPU
     `strategy` overrides the formulation kernels/cost.py would choose."""
-    from planc.kernels.format import BlockSparseMatrix
-    from planc.kernels import cpu as cpu_k
-
     dt = DTYPES[dtype]
     device = torch.device("cuda" if backend == "triton" else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -99,11 +101,10 @@ def bench_cell(shape, tokens, block, sparsity, dtype="fp32", backend="cpu", repe
     achieved = 1.0 - bsm.density
 
     if backend == "triton":
-        from planc.kernels import triton_bsr as k
+        from planc.kernels import triton_bsr as k   # lazy: importing it sets up Triton (TRITON_INTERPRET is read then)
         ours_fwd = lambda: k.forward(x, bsm)  # noqa: E731
         ours_bwd = lambda: (k.grad_input(dy, bsm), k.grad_values(dy, x, bsm))  # noqa: E731
     else:
-        from planc.kernels.cost import choose_cpu_strategy
         strat = strategy or choose_cpu_strategy(tokens, shape, (block, block), bsm.density, dt)
         ours_fwd = lambda: cpu_k.forward(x, bsm, strategy=strat)  # noqa: E731
         ours_bwd = lambda: (cpu_k.grad_input(dy, bsm), cpu_k.grad_values(dy, x, bsm))  # noqa: E731
@@ -142,13 +143,6 @@ def bench_cell(shape, tokens, block, sparsity, dtype="fp32", backend="cpu", repe
 def model_comparison(hidden: int, block: int, sparsity: float, tokens: int = 512, repeats: int = 10) -> dict:
     """The digits MLP with its hidden layers block-pruned (by block norm, at random init),
     baked-style (zeros in place) versus lowered by planc.lower; same inputs."""
-    from torch import fx, nn
-
-    import planc
-    from planc.blocks import BlockView, sparsify_grid_count
-    from planc.examples.digits import mlp
-    from planc.passes.lower import report
-
     torch.manual_seed(0)
     model = mlp(hidden=hidden).eval()
     for name, m in model.named_modules():
@@ -160,7 +154,7 @@ def model_comparison(hidden: int, block: int, sparsity: float, tokens: int = 512
             with torch.no_grad():
                 m.weight.mul_(view.expand(alive.view(view.grid).float()))
     baked = fx.symbolic_trace(model)
-    lowered = planc.lower(baked, backend="cpu", min_speedup=1.0, tokens=tokens, blocks=(block, block))
+    lowered = lower(baked, backend="cpu", min_speedup=1.0, tokens=tokens, blocks=(block, block))
     x = torch.randn(tokens, 64)
     with torch.no_grad():
         a, b = baked(x), lowered(x)

@@ -17,6 +17,9 @@ import torch
 
 from planc.errors import RunFolderError
 from planc.safeio import atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401  (atomic_write_*: re-exported)
+from safetensors.torch import save
+from safetensors import safe_open
+import glob
 
 META_KEY = "planc"
 
@@ -56,8 +59,6 @@ def decode(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
 
 def save_tensors(path: str, tensors: Dict[str, torch.Tensor], meta: Any = None) -> None:
     """Atomically write `tensors` (safetensors) with `meta` as JSON in the metadata."""
-    from safetensors.torch import save
-
     clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     metadata = {META_KEY: json.dumps(meta, sort_keys=True)} if meta is not None else None
     atomic_write_bytes(path, save(clean, metadata=metadata))
@@ -65,8 +66,6 @@ def save_tensors(path: str, tensors: Dict[str, torch.Tensor], meta: Any = None) 
 
 def load_tensors(path: str) -> Tuple[Dict[str, torch.Tensor], Any]:
     """(tensors, meta) from save_tensors; RunFolderError if missing or unreadable."""
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise RunFolderError(f"{path}: missing")
     try:
@@ -178,8 +177,6 @@ def load_state_or_previous(path: str, log=None) -> Tuple[Any, str]:
 
 def remove_checkpoints(path: str) -> None:
     """The checkpoints, and temporary files a killed writer may have left."""
-    import glob
-
     leftovers = glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".new*")
     for p in [path, previous_path(path)] + leftovers:
         if os.path.isfile(p):

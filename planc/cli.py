@@ -17,11 +17,11 @@ import os
 import sys
 from types import ModuleType
 from typing import Dict, List, Optional, Sequence, Tuple
+from planc import __version__
+from planc.errors import OutputFolderError, PlancError, PlanError, SelectError
 
-# name -> module. Other issues add their commands here, one line each:
-#   "apply": "planc.cmd_apply",
-#   "bench": "planc.cmd_bench",
-# A listed module that is not there (yet) is left out of the parser, not an error.
+# name -> module: a command is one line here and its module (add_arguments, run).
+# A listed module that is not there is left out of the parser, not an error.
 COMMANDS: Dict[str, str] = {
     "validate": "planc.cmd_validate",
     "explain": "planc.cmd_explain",
@@ -49,8 +49,6 @@ def _import(module: str) -> Tuple[Optional[ModuleType], Optional[str]]:
 def build_parser(only: Optional[str] = None) -> Tuple[argparse.ArgumentParser, Dict[str, str]]:
     """The parser, and the commands that failed to import (name -> why). With `only`,
     just that command's module is imported; the others get bare entries."""
-    from planc import __version__
-
     parser = argparse.ArgumentParser(prog="planc", description="A declarative pruning-plan compiler over torch.fx graphs.",
                                      epilog="exit status: 0 ok, 2 bad plan or arguments, 1 anything else")
     parser.add_argument("--version", action="version", version=f"planc {__version__}")
@@ -94,8 +92,6 @@ def _error(text: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from planc.errors import OutputFolderError, PlancError, PlanError, SelectError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser, broken = build_parser(only=_command_in(argv))

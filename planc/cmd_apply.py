@@ -12,6 +12,9 @@ import argparse
 import os
 import sys
 
+from planc.plan.load import load_plan
+from planc.plan.presets import scale_schedule
+
 
 HELP = "train with the plan's schedule and write a run folder"
 
@@ -32,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planc import load_plan
-    from planc.train import scale_schedule, train
+    # lazy: every command module is imported to build `planc --help`; torch loads only for a command that runs
+    from planc.report import write_report
+    from planc.train import train
 
     # planc errors propagate: planc.cli.main prints them and picks the exit status
     plan = load_plan(args.plan)
@@ -48,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out}: already finished ({result.report.get('steps')} steps); nothing to do")
         return 0
     try:                                   # plots must never lose a finished run
-        from planc.report import write_report
         write_report(out)
     except Exception as err:
         print(f"planc: warning: report.md not written: {type(err).__name__}: {' '.join(str(err).split())}",

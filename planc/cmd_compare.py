@@ -14,6 +14,8 @@ import argparse
 import shlex
 import sys
 
+from planc.errors import PlanError, Problem
+
 HELP = "run a family of plans (a sweep × seeds) and write one comparison table"
 
 
@@ -42,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: every command module is imported to build `planc --help`; torch loads only for a command that runs
     from planc.compare import compare, expand, parse_axis
-    from planc.errors import PlanError, Problem
 
     if args.seeds is not None and args.seeds < 1:
         raise PlanError([Problem(f"expected a positive number of seeds, got {args.seeds}", file="--seeds")])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import List, Sequence
 
+from planc.plan.load import load_plan
+from planc.plan.presets import target_fraction
 from planc.plan.registry import METHODS
 from planc.plan.types import Plan
 
@@ -31,8 +33,6 @@ def _kwargs(pairs) -> str:
 
 
 def phase_table(plan: Plan) -> List[str]:
-    from planc.plan.presets import target_fraction
-
     s = plan.targets.defaults.sparsity
     rows = []
     for i, p in enumerate(plan.schedule.phases):
@@ -81,8 +81,6 @@ def summary(plan: Plan) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planc.plan.load import load_plan
-
     plan = load_plan(args.plan)
     print("\n".join(summary(plan) + phase_table(plan)))
     if args.no_layers:
@@ -91,10 +89,9 @@ def run(args: argparse.Namespace) -> int:
         if args.graph:
             print("\n(no model.factory: the layer table and graph need a model; use planc.compile from Python)")
         return 0
-    try:
-        from planc.explain import layer_report
-    except ImportError:               # the layer table arrives with planc.explain
-        return 0
+    # lazy: every command module is imported to build `planc --help`; torch loads only for a command that runs
+    from planc.explain import layer_report
+
     print()
     print(layer_report(plan, show_graph=args.graph))
     return 0

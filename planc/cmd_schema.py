@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from planc.plan.schema import schema_text
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,12 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planc.plan.schema import schema_text
-
     text = schema_text()
     if args.output:
-        from pathlib import Path
-
         try:
             Path(args.output).write_text(text, encoding="utf-8")
         except OSError as err:

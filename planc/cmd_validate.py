@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Dict, List, Tuple
 
 from planc.errors import PlanError, Problem
+from planc.plan.load import MAX_PLAN_BYTES, load_plan
 
 Result = Tuple[str, List[Problem]]
 
@@ -40,8 +41,6 @@ FORMATS: Dict[str, Callable[[List[Result], bool], str]] = {"text": _text, "json"
 
 
 def validate(path: str) -> List[Problem]:
-    from planc.plan.load import MAX_PLAN_BYTES, load_plan
-
     try:
         load_plan(path if path != "-" else sys.stdin.read(MAX_PLAN_BYTES + 1), file="<stdin>" if path == "-" else None)
     except PlanError as err:

@@ -45,6 +45,23 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from planc.errors import PlanError, Problem
 from planc.plan.registry import METHODS
+import yaml
+from planc.plan.dump import plan_to_data
+from planc.plan.dump import _phase
+from planc.plan.load import load_plan
+from planc.plan.load import check, read, resolve
+from planc.plan import dump_plan
+import torch
+from torch import fx
+from planc.timing import median_ms
+from planc.passes.lower import lower, report as lower_report
+from planc.runfolder import REPORT, load
+from planc.runfolder import plan_fingerprint
+from planc.plan.presets import scale_schedule
+from planc.train import train
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from planc.report import write_report
 
 # `--sweep method=dense`: a method with support masks and one dense phase (the resolved
 # plan's schedule is replaced), i.e. the model trained without pruning.
@@ -92,8 +109,6 @@ def _split_values(text: str) -> List[str]:
 
 
 def _scalar(text: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -180,8 +195,6 @@ def _merge_phases(phases: Sequence[dict]) -> List[dict]:
 
 def _schedule_variant(plan, variant: str):
     """The resolved plan with its schedule replaced, as plan data (dict)."""
-    from planc.plan.dump import plan_to_data
-
     data = plan_to_data(plan)
     if variant == "dense":
         data["schedule"] = {"phases": [{"phase": "dense", "steps": plan.train.steps}]}
@@ -193,8 +206,6 @@ def _schedule_variant(plan, variant: str):
 
 
 def _phase_data(p) -> dict:
-    from planc.plan.dump import _phase
-
     return _phase(p)
 
 
@@ -221,9 +232,6 @@ def _slug(label: str) -> str:
 def build_plan(plan_file: str, values: Dict[str, Any], *, steps: Optional[int] = None):
     """The plan file with the sweep's values applied, validated again (positioned
     PlanError naming the sweep value). Returns the resolved Plan."""
-    from planc import load_plan
-    from planc.plan.load import check, read, resolve
-
     data, pos, problems, origin = read(plan_file)
     if data is None or problems:
         raise PlanError(problems)
@@ -239,8 +247,6 @@ def build_plan(plan_file: str, values: Dict[str, Any], *, steps: Optional[int] =
                              for p in problems])
     plan = resolve(data, origin=origin, positions=pos)
     if steps is not None:
-        from planc.train import scale_schedule
-
         plan = scale_schedule(plan, steps)
     variant = values.get("schedule", "preset")
     if values.get("method") == "dense":
@@ -261,8 +267,6 @@ def build_plan(plan_file: str, values: Dict[str, Any], *, steps: Optional[int] =
 def expand(plan_files: Sequence[str], axes: Sequence[Axis], *, seeds: Optional[int], out: str,
            steps: Optional[int] = None) -> List[Job]:
     """Every run of the comparison, validated (all before any runs)."""
-    from planc.plan import dump_plan
-
     keys = [a.key for a in axes]
     if len(set(keys)) != len(keys):
         raise PlanError([Problem(f"a sweep key is given twice: {keys}", file="--sweep")])
@@ -313,13 +317,6 @@ def measure_speedup(model, plan, tokens: int = 512, repeats: int = 10) -> Option
     """Baked versus lowered (planc.lower, CPU path, its cost model decides which layers),
     same inputs, minimum over `repeats` in ms. None when the model does not trace
     symbolically; speedup None when planc.lower lowered nothing."""
-    import torch
-    from torch import fx
-
-    import planc
-    from planc.timing import median_ms
-    from planc.passes.lower import report as lower_report
-
     try:
         gm = fx.symbolic_trace(model.eval())
     except Exception:
@@ -330,7 +327,7 @@ def measure_speedup(model, plan, tokens: int = 512, repeats: int = 10) -> Option
     shape = list(shapes[0])
     shape[0] = tokens
     x = torch.randn(*shape)
-    lowered = planc.lower(gm, backend="cpu", min_speedup=1.0, tokens=tokens)
+    lowered = lower(gm, backend="cpu", min_speedup=1.0, tokens=tokens)
     done = [r["layer"] for r in lower_report(lowered) if r["action"] == "lowered"]
     with torch.no_grad():
         tb = median_ms(lambda: gm(x), repeats, lambda: None)
@@ -343,19 +340,12 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
             bench: bool = False) -> dict:
     """Train one run (or reuse its folder when it holds a finished run of the same plan)
     and return its summary row. A module-level function, so worker processes can run it."""
-    import torch
-
-    from planc import load_plan
-    from planc.runfolder import REPORT, load
-
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(job["run_dir"])
     plan = load_plan(job["plan_yaml"], file=f"{job['label']}")
     reused = False
     if not force and (run_dir / REPORT).is_file() and (run_dir / "plan.yaml").is_file():
-        from planc.runfolder import plan_fingerprint
-
         try:
             reused = plan_fingerprint(load_plan(str(run_dir / "plan.yaml"))) == plan_fingerprint(plan)
         except PlanError:
@@ -363,15 +353,11 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
     if reused:
         pass
     else:
-        from planc.train import train
-
         for f in ("compare_extra.json", REPORT):
             if (run_dir / f).exists():
                 (run_dir / f).unlink()
         train(plan, str(run_dir), overwrite=True, progress=False, log=lambda s: None)   # compare owns its run folders
         try:
-            from planc.report import write_report
-
             write_report(run_dir)
         except Exception as err:       # a plot never loses a run
             print(f"planc compare: warning: {run_dir}/report.md not written: {type(err).__name__}: {err}",
@@ -433,9 +419,6 @@ def run_jobs(jobs: Sequence[Job], *, jobs_n: int = 1, threads: int = 0, force: b
         for i, job in enumerate(payload):
             done(i, run_job(job, **kw))
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         with ProcessPoolExecutor(max_workers=jobs_n, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(run_job, job, **kw): i for i, job in enumerate(payload)}
             for fut in as_completed(futures):
@@ -516,7 +499,7 @@ def to_markdown(groups: Sequence[dict], title: str = "Comparison", command: Opti
 def plot(groups: Sequence[dict], out: Path) -> List[str]:
     """compare_metric.png (a bar per combination) and, when sparsity is swept,
     compare_sparsity.png (metric against sparsity, a line per other combination)."""
-    import matplotlib
+    import matplotlib   # lazy: the optional [report] extra; the tables need no plot
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -590,9 +573,6 @@ def write_tables(rows: Sequence[dict], out, *, title: str = "Comparison", comman
 
 def finished(job: Job) -> bool:
     """Whether the job's folder holds a finished run of exactly its plan."""
-    from planc import load_plan
-    from planc.runfolder import plan_fingerprint
-
     run_dir = Path(job.run_dir)
     if not (run_dir / "report.json").is_file() or not (run_dir / "plan.yaml").is_file():
         return False

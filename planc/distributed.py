@@ -36,12 +36,11 @@ import torch
 from torch import nn
 
 from planc.errors import PlancError, RuntimeStateError
+import torch.distributed as dist
 
 
 def active() -> bool:
     """Whether a process group with more than one rank is initialised."""
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -77,7 +76,6 @@ class Ranks:
         """The mean of a scalar over ranks (the same on every rank)."""
         if self.world == 1:
             return value
-        import torch.distributed as dist
 
         buf = value.detach().to(torch.float64).reshape(1).clone()
         dist.all_reduce(buf)
@@ -86,15 +84,12 @@ class Ranks:
     def barrier(self) -> None:
         """Wait for every rank (nothing on one process)."""
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def finish(self) -> None:
         """Wait for every rank, then end the process group if planc started it."""
         if self.world == 1:
             return
-        import torch.distributed as dist
 
         if dist.is_initialized():
             dist.barrier()
@@ -113,7 +108,6 @@ def join_from_environment() -> Ranks:
         raise PlancError(f"environment variable WORLD_SIZE: expected a number of processes, got {raw!r}") from None
     if world <= 1:
         return Ranks()
-    import torch.distributed as dist
 
     started = False
     if not dist.is_initialized():
@@ -126,8 +120,6 @@ def join_from_environment() -> Ranks:
 
 
 def _device() -> torch.device:
-    import torch.distributed as dist
-
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -137,7 +129,6 @@ def broadcast_decision(grid: torch.Tensor, src: int = 0) -> torch.Tensor:
     """`grid` (bool) as rank `src` has it, on every rank; `grid` itself without a group."""
     if not active():
         return grid
-    import torch.distributed as dist
 
     buf = grid.to(device=_device(), dtype=torch.uint8).contiguous()
     dist.broadcast(buf, src=src)
@@ -154,7 +145,6 @@ def assert_synchronized(masks: Mapping[str, nn.Module]) -> None:
     """RuntimeStateError naming the first layer whose alive grid differs between ranks."""
     if not active():
         return
-    import torch.distributed as dist
 
     world = dist.get_world_size()
     for name, mask in masks.items():

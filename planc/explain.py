@@ -11,22 +11,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from planc.errors import PlancError
+from planc.plan.factory import call_factory
+from planc.pruned import as_plan, compile, example_inputs_for, layer_table
 
 aten = torch.ops.aten
 
 
 def build_model(plan) -> nn.Module:
     """The plan's model from model.factory ("module:callable" and kwargs)."""
-    from planc.plan.factory import call_factory
-
     if plan.model.factory is None:
         raise PlancError("the plan has no model.factory: explain needs a model to build")
     return call_factory(plan, "model.factory")
 
 
 def layer_report(plan, show_graph: bool = False) -> str:
-    from planc.pruned import as_plan, compile, example_inputs_for, layer_table
-
     plan = as_plan(plan)
     model = build_model(plan).eval()
     inputs = example_inputs_for(plan.model)

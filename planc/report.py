@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from planc.plan.registry import METHODS
 from planc.safeio import atomic_write_bytes, atomic_write_text
+from planc.checkpoint import load_tensors
+import torch
 
 REPORT_MD = "report.md"
 PLOTS = ("sparsity", "curves", "density", "blocks", "attention")      # each written as <name>.png
@@ -61,7 +63,6 @@ def read_masks(path: Path) -> Tuple[Dict[str, "object"], Dict[str, "object"], di
     """(alive grids, logits grids, layer metadata) from masks.safetensors, or empties."""
     if not path.is_file():
         return {}, {}, {}
-    from planc.checkpoint import load_tensors
 
     tensors, meta = load_tensors(str(path))
     layers = (meta or {}).get("layers") or {}
@@ -103,7 +104,7 @@ def _pick_layers(names: Sequence[str], k: int = 4) -> List[str]:
 
 # ---- plots ---------------------------------------------------------------------------
 def _plt():
-    import matplotlib
+    import matplotlib   # lazy: the optional [report] extra; without it a run still writes its folder
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -231,8 +232,6 @@ def plot_blocks(path: Path, alive: Dict[str, "object"], names: Sequence[str]) ->
 
 
 def _final_attention(logits) -> "object":
-    import torch
-
     flat = logits.float().flatten()
     return (flat.numel() * torch.softmax(flat, dim=0))
 

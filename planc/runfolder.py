@@ -41,6 +41,7 @@ from planc.plan.factory import call_factory
 from planc.plan.types import Plan
 from planc.report import PLOTS, REPORT_MD
 from planc.safeio import MIB, FileRefused, atomic_write_text, read_limited
+from planc.pruned import example_inputs_for
 
 PLAN = "plan.yaml"
 TENSORS = "tensors.safetensors"
@@ -160,8 +161,6 @@ def save(out: str, pruned, *, baked=None, lowered=None, example_inputs: Optional
     `pruned.bake()`; `lowered` (planc.lower's result) becomes the folder's lowered
     program; `example_inputs` (default: the plan's shapes) are what the programs are
     exported with. A folder holding anything is refused unless `overwrite`."""
-    from planc.pruned import example_inputs_for
-
     output = prepare_output(out, pruned.plan, resume=False, overwrite=overwrite)
     if output.replace:
         clear_run(out)

@@ -10,7 +10,6 @@ where the interrupted one stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -28,11 +27,12 @@ from planc.checkpoint import remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
 from planc.lowering import lower_for_run
 from planc.plan.factory import call_factory, describe_value
-from planc.plan.types import Plan, Schedule
+from planc.plan.types import Plan
 from planc.pruned import compile as planc_compile
 from planc.pruned import example_inputs_for
 from planc.runtime import Runtime
 from planc.safeio import create_empty
+from torch.nn.parallel import DistributedDataParallel
 
 CHECKPOINT = runfolder.CHECKPOINT
 CKPT_FORMAT = "planc.checkpoint/1"
@@ -65,32 +65,6 @@ def lr_factor(step: int, total: int, kind: str, warmup: int) -> float:
     if kind == "linear":
         return 1.0 - p
     raise PlanError([Problem(f"expected lr_schedule constant, cosine or linear, got {kind!r}", path="train.lr_schedule")])
-
-
-def scale_schedule(plan: Plan, steps: int) -> Plan:
-    """The plan with train.steps = `steps`: a preset is expanded again over the new
-    length (planc.plan.presets); explicit phases are scaled proportionally (boundaries
-    rounded, sparsify intervals kept). Used by `planc apply --steps`."""
-    if steps <= 0:
-        raise PlanError([plan.problem("train.steps", f"expected a positive number of steps, got {steps}")])
-    m = plan.method
-    if plan.schedule.preset is not None:
-        from planc.plan import presets
-
-        try:
-            phases = presets.expand(m.name, plan.schedule.preset, steps, c=m.c, every=m.update_every)
-        except ValueError as err:
-            need = presets.min_steps(m.name, plan.schedule.preset)
-            raise PlanError([plan.problem("train.steps",
-                                          f"{err}; preset {plan.schedule.preset!r} needs at least {need} steps")]) from None
-    else:
-        old = plan.schedule.total_steps or plan.train.steps
-        bounds = [p.start for p in plan.schedule.phases] + [old]
-        new = [int(round(b * steps / old)) if old else 0 for b in bounds]
-        phases = tuple(dataclasses.replace(p, start=new[i], steps=new[i + 1] - new[i])
-                       for i, p in enumerate(plan.schedule.phases))
-    return dataclasses.replace(plan, train=dataclasses.replace(plan.train, steps=steps),
-                               schedule=Schedule(phases=phases, preset=plan.schedule.preset))
 
 
 # ---- the data position --------------------------------------------------------------
@@ -214,7 +188,7 @@ def _progress(total: int, initial: int, enabled: Optional[bool]):
     if enabled is None:
         enabled = sys.stderr.isatty()
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm   # lazy, and optional: the bar is a nicety
     except ImportError:   # the bar is a nicety; training does not need it
         return None
     return tqdm(total=total, initial=initial, file=sys.stderr, disable=not enabled,
@@ -363,8 +337,6 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
     module.train()
     forward = module
     if ranks.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         forward = DistributedDataParallel(module)   # all-reduces gradients; decisions: planc.distributed
     last_loss, metric = float("nan"), None
     try:

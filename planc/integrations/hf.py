@@ -29,6 +29,8 @@ import os
 from typing import Optional
 
 from transformers import TrainerCallback
+from planc.checkpoint import save_state
+from planc.checkpoint import load_state
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,6 @@ class PlancCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not self.save_state or not state.is_world_process_zero:
             return
-        from planc.checkpoint import save_state
 
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
@@ -78,8 +79,6 @@ class PlancCallback(TrainerCallback):
             return
         path: Optional[str] = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
         if os.path.isfile(path):
-            from planc.checkpoint import load_state
-
             self.pruned.load_state_dict(load_state(path))
             logger.info("planc: resumed the pruning runtime at step %d from %s", state.global_step, path)
         else:

@@ -12,11 +12,13 @@ step from its exact share. A preset that would give some phase zero steps is an 
 """
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction as F
 from typing import List, Sequence, Tuple
 
 from planc.plan.registry import Part, spec
-from planc.plan.types import Phase
+from planc.errors import PlanError
+from planc.plan.types import Phase, Plan, Schedule
 
 
 def parts(method: str, preset: str) -> List[Part]:
@@ -79,3 +81,27 @@ def target_fraction(phase: Phase, at_end: bool) -> float:
     if phase.kind == "sparsify":
         return 1.0 if at_end else float(phase.initial)
     return 1.0
+
+
+def scale_schedule(plan: Plan, steps: int) -> Plan:
+    """The plan with train.steps = `steps`: a preset is expanded again over the new
+    length (planc.plan.presets); explicit phases are scaled proportionally (boundaries
+    rounded, sparsify intervals kept). Used by `planc apply --steps`."""
+    if steps <= 0:
+        raise PlanError([plan.problem("train.steps", f"expected a positive number of steps, got {steps}")])
+    m = plan.method
+    if plan.schedule.preset is not None:
+        try:
+            phases = expand(m.name, plan.schedule.preset, steps, c=m.c, every=m.update_every)
+        except ValueError as err:
+            need = min_steps(m.name, plan.schedule.preset)
+            raise PlanError([plan.problem("train.steps",
+                                          f"{err}; preset {plan.schedule.preset!r} needs at least {need} steps")]) from None
+    else:
+        old = plan.schedule.total_steps or plan.train.steps
+        bounds = [p.start for p in plan.schedule.phases] + [old]
+        new = [int(round(b * steps / old)) if old else 0 for b in bounds]
+        phases = tuple(dataclasses.replace(p, start=new[i], steps=new[i + 1] - new[i])
+                       for i, p in enumerate(plan.schedule.phases))
+    return dataclasses.replace(plan, train=dataclasses.replace(plan.train, steps=steps),
+                               schedule=Schedule(phases=phases, preset=plan.schedule.preset))
