@@ -297,113 +297,134 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
         raise PlanError([plan.problem("model.factory", "the built-in trainer needs model.factory")])
     if plan.train.data is None:
         raise PlanError([plan.problem("train.data", "the built-in trainer needs train.data")])
-    total = plan.train.steps
     session = _open_output(plan, out, ranks, resume=resume, overwrite=overwrite, log=log)
     if session.output is not None and session.output.action == "finished":
         log(f"planc: {out} already holds this plan's finished run; nothing to do")
         return TrainResult(out, None, None, session.output.report, finished=True, main=ranks.main,
                            already_finished=True)
-    ckpt_path, writes = session.checkpoint_path, session.writes
-
-    _seed_all(plan.train.seed)
-    model = call_factory(plan, "model.factory")
-    train_loader, eval_loader = call_factory(plan, "train.data")
-    pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
-    runtime = pruned.pruning_runtime()
-    runtime.record_to(session.events_path)
-    opt = make_optimizer(plan, runtime)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    runtime.attach(opt)
-    batches = Batches(train_loader)
-    history: List[dict] = []
-    timings = {"train_s": 0.0, "eval_s": 0.0}
-
+    run = _Run(plan, session, ranks)
     if session.output is not None and session.output.action == "resume":
-        history, timings = _restore(session.output.state, session.output.state_file, pruned, runtime, opt, batches)
-        log(f"planc: resumed {out} at step {runtime.t}")
+        run.history, run.timings = _restore(session.output.state, session.output.state_file, run.pruned,
+                                            run.runtime, run.opt, run.batches)
+        log(f"planc: resumed {out} at step {run.runtime.t}")
+    if not run.loop(stop_after, progress if ranks.main else False):
+        return TrainResult(out, run.pruned, None, {}, run.history, finished=False, main=ranks.main)
+    return run.finish(t_start)
 
-    def checkpoint() -> None:
-        if not writes:
+
+class _Run:
+    """One run of the built-in trainer: the model, optimizer, runtime and data position,
+    and the steps that train, evaluate, checkpoint and write the run folder."""
+
+    def __init__(self, plan: Plan, session: _Session, ranks):
+        self.plan, self.session, self.ranks = plan, session, ranks
+        _seed_all(plan.train.seed)
+        model = call_factory(plan, "model.factory")
+        train_loader, self.eval_loader = call_factory(plan, "train.data")
+        self.pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
+        self.runtime = self.pruned.pruning_runtime()
+        self.runtime.record_to(session.events_path)
+        self.opt = make_optimizer(plan, self.runtime)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.runtime.attach(self.opt)
+        self.batches = Batches(train_loader)
+        self.history: List[dict] = []
+        self.timings = {"train_s": 0.0, "eval_s": 0.0}
+        self.module = self.pruned.module
+        # DDP all-reduces gradients; the pruning decisions are synchronised by planc.distributed
+        self.forward = DistributedDataParallel(self.module) if ranks.world > 1 else self.module
+        self.last_loss, self.metric = float("nan"), None
+
+    def loop(self, stop_after: Optional[int], progress: Optional[bool]) -> bool:
+        """Train to the end of the schedule (True), or stop after `stop_after` steps (False)."""
+        total = self.plan.train.steps
+        bar = _progress(total, self.runtime.t, progress)
+        self.module.train()
+        try:
+            while self.runtime.t < total:
+                self.step()
+                t = self.runtime.t
+                if self.plan.train.eval_every and t % self.plan.train.eval_every == 0 and t < total:
+                    self.evaluate()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(self.progress_fields(), refresh=False)
+                every = self.plan.train.checkpoint_every
+                if self.session.checkpoint_path and every and t % every == 0 and t < total:
+                    self.checkpoint()
+                if stop_after is not None and t >= stop_after and t < total:
+                    return False
+        finally:
+            if bar is not None:
+                bar.close()
+        return True
+
+    def step(self) -> None:
+        t0, step, train = time.perf_counter(), self.runtime.t, self.plan.train
+        factor = lr_factor(step, train.steps, train.lr_schedule, train.warmup_steps)
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * factor
+        x, y, share = self.ranks.share(*_split_batch(next(self.batches)))
+        loss = compute_loss(train.loss, self.forward(x), y)
+        global_loss = float(self.ranks.mean(loss.detach() * share))   # every rank sees the same value
+        if not math.isfinite(global_loss):
+            raise PlancError(f"the loss became {global_loss} at step {step}; lower the learning rate")
+        (loss * share).backward()                                     # share is exactly 1.0 on one process
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.runtime.step()
+        self.last_loss = global_loss
+        self.timings["train_s"] += time.perf_counter() - t0
+
+    def evaluate(self) -> dict:
+        t1 = time.perf_counter()
+        m = evaluate(self.module, self.eval_loader, self.plan.train.loss)
+        self.timings["eval_s"] += time.perf_counter() - t1
+        entry = {"step": self.runtime.t, "train_loss": self.last_loss, **m}
+        self.history.append(entry)
+        self.runtime.record({"event": "eval", **entry})
+        self.metric = m.get("accuracy", m["loss"])
+        return m
+
+    def progress_fields(self) -> dict:
+        phase = self.runtime.phase
+        post = {"phase": phase.kind if phase else "-", "sparsity": f"{self.runtime.mean_sparsity():.3f}",
+                "loss": f"{self.last_loss:.4f}"}
+        if self.metric is not None:
+            post["metric"] = f"{self.metric:.2f}"
+        return post
+
+    def checkpoint(self) -> None:
+        if not self.session.writes:
             return
-        save_state_keep_previous(ckpt_path, {
-            "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(plan), "step": runtime.t,
-            "model": pruned.module.state_dict(), "optimizer": opt.state_dict(),
-            "runtime": runtime.state_dict(), "loader": batches.state(), "rng": _rng_state(),
-            "history": history, "timings": timings,
+        save_state_keep_previous(self.session.checkpoint_path, {
+            "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(self.plan), "step": self.runtime.t,
+            "model": self.module.state_dict(), "optimizer": self.opt.state_dict(),
+            "runtime": self.runtime.state_dict(), "loader": self.batches.state(), "rng": _rng_state(),
+            "history": self.history, "timings": self.timings,
         })
 
-    bar = _progress(total, runtime.t, progress if ranks.main else False)
-    module = pruned.module
-    module.train()
-    forward = module
-    if ranks.world > 1:
-        forward = DistributedDataParallel(module)   # all-reduces gradients; decisions: planc.distributed
-    last_loss, metric = float("nan"), None
-    try:
-        while runtime.t < total:
-            t0 = time.perf_counter()
-            step = runtime.t
-            factor = lr_factor(step, total, plan.train.lr_schedule, plan.train.warmup_steps)
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * factor
-            x, y, share = ranks.share(*_split_batch(next(batches)))
-            loss = compute_loss(plan.train.loss, forward(x), y)
-            global_loss = float(ranks.mean(loss.detach() * share))   # every rank sees the same value
-            if not math.isfinite(global_loss):
-                raise PlancError(f"the loss became {global_loss} at step {step}; lower the learning rate")
-            (loss * share).backward()                                # share is exactly 1.0 on one process
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            runtime.step()
-            last_loss = global_loss
-            timings["train_s"] += time.perf_counter() - t0
-            t = runtime.t
-            if plan.train.eval_every and t % plan.train.eval_every == 0 and t < total:
-                t1 = time.perf_counter()
-                m = evaluate(module, eval_loader, plan.train.loss)
-                timings["eval_s"] += time.perf_counter() - t1
-                entry = {"step": t, "train_loss": last_loss, **m}
-                history.append(entry)
-                runtime.record({"event": "eval", **entry})
-                metric = m.get("accuracy", m["loss"])
-            if bar is not None:
-                bar.update(1)
-                phase = runtime.phase
-                post = {"phase": phase.kind if phase else "-", "sparsity": f"{runtime.mean_sparsity():.3f}",
-                        "loss": f"{last_loss:.4f}"}
-                if metric is not None:
-                    post["metric"] = f"{metric:.2f}"
-                bar.set_postfix(post, refresh=False)
-            if ckpt_path and plan.train.checkpoint_every and t % plan.train.checkpoint_every == 0 and t < total:
-                checkpoint()
-            if stop_after is not None and t >= stop_after and t < total:
-                return TrainResult(out, pruned, None, {}, history, finished=False, main=ranks.main)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    t1 = time.perf_counter()
-    final = evaluate(module, eval_loader, plan.train.loss)
-    timings["eval_s"] += time.perf_counter() - t1
-    entry = {"step": runtime.t, "train_loss": last_loss, **final}
-    history.append(entry)
-    runtime.record({"event": "eval", **entry})
-    t2 = time.perf_counter()
-    baked = pruned.bake().eval()                 # the product is for inference
-    timings["bake_s"] = time.perf_counter() - t2
-    timings["total_s"] = time.perf_counter() - t_start
-    timings["steps_per_s"] = total / timings["train_s"] if timings["train_s"] else None
-    report = runfolder.make_report(plan, runtime, final, history, timings)
-    if ranks.world > 1:
-        report["ranks"] = ranks.world
-    lowered = None
-    if plan.lower.backend != "dense" and ranks.main:
-        report["lowering"], lowered = lower_for_run(baked, plan, example_inputs_for(plan.model))
-    if writes:
-        t3 = time.perf_counter()
-        runfolder.write(out, plan, pruned, baked, report, runtime.events, lowered=lowered,
-                        inputs=example_inputs_for(plan.model))
-        report["timings"]["write_s"] = time.perf_counter() - t3
-        if ckpt_path:
-            remove_checkpoints(ckpt_path)        # the run folder is the product now
-    return TrainResult(out, pruned, baked, report, history, finished=True, main=ranks.main, lowered=lowered)
+    def finish(self, t_start: float) -> TrainResult:
+        """The final evaluation, bake, lowering and run folder."""
+        plan, session, timings = self.plan, self.session, self.timings
+        final = self.evaluate()
+        t2 = time.perf_counter()
+        baked = self.pruned.bake().eval()                 # the product is for inference
+        timings["bake_s"] = time.perf_counter() - t2
+        timings["total_s"] = time.perf_counter() - t_start
+        timings["steps_per_s"] = plan.train.steps / timings["train_s"] if timings["train_s"] else None
+        report = runfolder.make_report(plan, self.runtime, final, self.history, timings)
+        if self.ranks.world > 1:
+            report["ranks"] = self.ranks.world
+        lowered = None
+        if plan.lower.backend != "dense" and self.ranks.main:
+            report["lowering"], lowered = lower_for_run(baked, plan, example_inputs_for(plan.model))
+        if session.writes:
+            t3 = time.perf_counter()
+            runfolder.write(session.out, plan, self.pruned, baked, report, self.runtime.events, lowered=lowered,
+                            inputs=example_inputs_for(plan.model))
+            report["timings"]["write_s"] = time.perf_counter() - t3
+            if session.checkpoint_path:
+                remove_checkpoints(session.checkpoint_path)        # the run folder is the product now
+        return TrainResult(session.out, self.pruned, baked, report, self.history, finished=True,
+                           main=self.ranks.main, lowered=lowered)
