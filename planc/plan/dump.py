@@ -6,6 +6,7 @@ and rejects it if the phases are not the preset's expansion.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict
 
 import yaml
@@ -39,15 +40,24 @@ def _rule(r: Rule) -> Dict[str, Any]:
     return out
 
 
+def _section(obj, **given) -> Dict[str, Any]:
+    """A plan section's plain fields as YAML data (tuples as lists); `given` replaces or,
+    as None, leaves out the structured ones. The inverse of the loader's _section."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        if f.name in given:
+            if given[f.name] is not None:
+                out[f.name] = given[f.name]
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def plan_to_data(plan: Plan) -> Dict[str, Any]:
     m = plan.model
-    model: Dict[str, Any] = {}
-    if m.factory is not None:
-        model["factory"] = m.factory.path
-        model["kwargs"] = m.factory.kwargs_dict()
-    if m.example_inputs:
-        model["example_inputs"] = [list(s) for s in m.example_inputs]
-    model.update(input_dtype=m.input_dtype, frontend=m.frontend, dynamic_batch=m.dynamic_batch)
+    model = {"factory": m.factory.path, "kwargs": m.factory.kwargs_dict()} if m.factory is not None else {}
+    model.update(_section(m, factory=None, example_inputs=[list(s) for s in m.example_inputs] or None))
 
     d = plan.targets.defaults
     method: Dict[str, Any] = {"name": plan.method.name}
@@ -62,16 +72,10 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
     schedule["phases"] = [_phase(p) for p in plan.schedule.phases]
 
     t, o = plan.train, plan.train.optimizer
-    optimizer: Dict[str, Any] = {"name": o.name, "lr": o.lr, "weight_decay": o.weight_decay}
-    if o.name == "sgd":
-        optimizer["momentum"] = o.momentum
-    else:
-        optimizer["betas"] = list(o.betas)
-    train: Dict[str, Any] = {}
-    if t.data is not None:
-        train["data"] = {"factory": t.data.path, "kwargs": t.data.kwargs_dict()}
-    train.update(steps=t.steps, optimizer=optimizer, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-                 eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, loss=t.loss, seed=t.seed)
+    # an optimizer key of the other kind would be refused by the loader (momentum is sgd's, betas adam's)
+    optimizer = _section(o, **({"betas": None} if o.name == "sgd" else {"momentum": None}))
+    data = {"factory": t.data.path, "kwargs": t.data.kwargs_dict()} if t.data is not None else None
+    train = _section(t, data=data, optimizer=optimizer)
 
     lo = plan.lower
     out: Dict[str, Any] = {
@@ -83,7 +87,7 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
         "method": method,
         "schedule": schedule,
         "train": train,
-        "lower": {"backend": lo.backend, "dtype": lo.dtype, "min_speedup": lo.min_speedup},
+        "lower": _section(lo),
     }
     if plan.output is not None:
         out["output"] = plan.output

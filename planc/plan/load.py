@@ -25,6 +25,7 @@ FAIL:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -353,16 +354,37 @@ def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Pos
                 lower=_resolve_lower(data), output=data.get("output"), source=origin, positions=positions)
 
 
+def _like(default: Any, value: Any) -> Any:
+    """A YAML value as the type of the field's default (validated data: no errors here)."""
+    if value is None or default is None or isinstance(default, str):
+        return value
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(_like(default[0] if default else None, v) for v in value)
+    return value
+
+
+def _section(cls, raw: Mapping[str, Any], **given) -> Any:
+    """A plan section's dataclass from its YAML mapping: `given` fields as they are, every
+    other field from the mapping (as its default's type) or its default. A plain key
+    of a section is one field of its dataclass and one property of the schema."""
+    kwargs = dict(given)
+    for f in dataclasses.fields(cls):
+        if f.name not in given and f.name in raw:
+            kwargs[f.name] = _like(f.default if f.default is not dataclasses.MISSING else None, raw[f.name])
+    return cls(**kwargs)
+
+
 def _resolve_model(data: dict) -> ModelSpec:
-    model_raw, d = data.get("model", {}), ModelSpec()
-    return ModelSpec(
-        factory=_factory({"factory": model_raw["factory"], "kwargs": model_raw.get("kwargs")})
-        if "factory" in model_raw else None,
-        example_inputs=tuple(tuple(int(n) for n in shape) for shape in model_raw.get("example_inputs", ())),
-        input_dtype=model_raw.get("input_dtype", d.input_dtype),
-        frontend=model_raw.get("frontend", d.frontend),
-        dynamic_batch=bool(model_raw.get("dynamic_batch", d.dynamic_batch)),
-    )
+    raw = data.get("model", {})
+    factory = _factory({"factory": raw["factory"], "kwargs": raw.get("kwargs")}) if "factory" in raw else None
+    shapes = tuple(tuple(int(n) for n in shape) for shape in raw.get("example_inputs", ()))
+    return _section(ModelSpec, raw, factory=factory, example_inputs=shapes)
 
 
 def _resolve_targets(data: dict) -> Targets:
@@ -414,25 +436,10 @@ def _resolve_method_and_schedule(data: dict) -> Tuple[Method, Schedule, int]:
 
 
 def _resolve_train(data: dict, steps: int) -> Train:
-    tr, dt = data.get("train", {}), Train()
-    o, do = tr.get("optimizer", {}), Optimizer()
-    optimizer = Optimizer(
-        name=o.get("name", do.name), lr=float(o.get("lr", do.lr)),
-        momentum=float(o.get("momentum", do.momentum)),
-        weight_decay=float(o.get("weight_decay", do.weight_decay)),
-        betas=_pair(o.get("betas", do.betas), float),
-    )
-    return Train(
-        data=_factory(tr.get("data")), steps=steps, optimizer=optimizer,
-        lr_schedule=tr.get("lr_schedule", dt.lr_schedule),
-        warmup_steps=int(tr.get("warmup_steps", dt.warmup_steps)),
-        eval_every=int(tr.get("eval_every", dt.eval_every)),
-        checkpoint_every=int(tr.get("checkpoint_every", dt.checkpoint_every)),
-        loss=tr.get("loss", dt.loss), seed=int(tr.get("seed", dt.seed)),
-    )
+    raw = data.get("train", {})
+    optimizer = _section(Optimizer, raw.get("optimizer", {}))
+    return _section(Train, raw, data=_factory(raw.get("data")), steps=steps, optimizer=optimizer)
 
 
 def _resolve_lower(data: dict) -> Lower:
-    lw, dl = data.get("lower", {}), Lower()
-    return Lower(backend=lw.get("backend", dl.backend), dtype=lw.get("dtype", dl.dtype),
-                 min_speedup=float(lw.get("min_speedup", dl.min_speedup)))
+    return _section(Lower, data.get("lower", {}))
