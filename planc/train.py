@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from planc import distributed, runfolder
+from planc import distributed, runfolder, sharding
 from planc.checkpoint import remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
 from planc.lowering import lower_for_run
@@ -196,6 +196,34 @@ def evaluate(module: torch.nn.Module, loader, loss: str) -> Dict[str, float]:
     return metrics
 
 
+def _checkpoint_state(module, opt, runtime: Runtime, keep: bool) -> Optional[dict]:
+    """Model, optimizer and runtime state as full tensors. A sharded module's are
+    gathered (collective: every rank calls this; ranks with keep=False drop them), so a
+    checkpoint has one layout whatever the run's sharding: one pickle-free file with its
+    sha256 (planc.checkpoint), resumable on any number of ranks."""
+    if not sharding.uses_fsdp(module):
+        return {"model": module.state_dict(), "optimizer": opt.state_dict(),
+                "runtime": runtime.state_dict()} if keep else None
+    state = {"model": sharding.gather_state(module.state_dict(), keep),
+             "optimizer": sharding.gather_state(opt.state_dict(), keep),
+             "runtime": runtime.state_dict()}
+    return state if keep else None
+
+
+def _unsharded_copy(plan: Plan, module, keep: bool):
+    """A plain Pruned holding `module`'s full (gathered) state, for bake and the run
+    folder; None where keep is False. The model is built again from the plan's factory
+    (under a forked RNG: training is over, but nothing after it should see a changed
+    stream), so no rank holds an unsharded copy during training."""
+    state = sharding.gather_state(module.state_dict(), keep)   # collective
+    if not keep:
+        return None
+    with torch.random.fork_rng():
+        plain = planc_compile(call_factory(plan, "model.factory"), plan)
+    plain.module.load_state_dict(state)
+    return plain
+
+
 # ---- the trainer ----------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -299,13 +327,14 @@ def _open_output(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwri
 
 def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Batches") -> Tuple[List[dict], dict]:
     """Load a checkpoint's state into the run; (history, timings). A state that does not
-    fit this run is a RunFolderError naming the file."""
+    fit this run is a RunFolderError naming the file. The checkpoint holds full tensors
+    (also of a sharded run: _checkpoint_state); a sharded run takes its slices."""
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise RunFolderError(f"{used}: not a planc checkpoint")
     try:
-        pruned.module.load_state_dict(state["model"])
+        sharding.load_model_state(pruned.module, state["model"])
         runtime.load_state_dict(state["runtime"])
-        opt.load_state_dict(state["optimizer"])
+        sharding.load_optimizer_state(opt, state["optimizer"])
         batches.restore(state["loader"])
         _set_rng_state(state["rng"])
         return list(state["history"]), dict(state["timings"])
@@ -335,6 +364,9 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
     model = call_factory(plan, "model.factory")
     train_loader, eval_loader = call_factory(plan, "train.data")
     pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
+    fsdp = ranks.world > 1 and plan.train.distributed == "fsdp"
+    if fsdp:
+        sharding.shard_module(pruned.module)     # before the optimizer: it must hold the sharded parameters
     runtime = Runtime(pruned, events_path=session.events_path)
     pruned.runtime = runtime                     # Pruned's delegations use this runtime
     opt = make_optimizer(plan, runtime)
@@ -349,20 +381,19 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
         log(f"planc: resumed {out} at step {runtime.t}")
 
     def checkpoint() -> None:
+        state = _checkpoint_state(pruned.module, opt, runtime, keep=writes)
         if not writes:
             return
         save_state_keep_previous(ckpt_path, {
-            "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(plan), "step": runtime.t,
-            "model": pruned.module.state_dict(), "optimizer": opt.state_dict(),
-            "runtime": runtime.state_dict(), "loader": batches.state(), "rng": _rng_state(),
-            "history": history, "timings": timings,
+            "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(plan), "step": runtime.t, **state,
+            "loader": batches.state(), "rng": _rng_state(), "history": history, "timings": timings,
         })
 
     bar = _progress(total, runtime.t, progress if ranks.main else False)
     module = pruned.module
     module.train()
     forward = module
-    if ranks.world > 1:
+    if ranks.world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(module)   # all-reduces gradients; decisions: planc.distributed
@@ -417,19 +448,23 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
     history.append(entry)
     runtime.record({"event": "eval", **entry})
     t2 = time.perf_counter()
-    baked = pruned.bake().eval()                 # the product is for inference
+    written = pruned                             # what bake and the run folder read
+    if fsdp:                                     # full tensors gathered once, kept on rank 0 only
+        written = _unsharded_copy(plan, module, keep=ranks.main)
+    baked = written.bake().eval() if written is not None else None   # the product is for inference
     timings["bake_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t_start
     timings["steps_per_s"] = total / timings["train_s"] if timings["train_s"] else None
-    report = runfolder.make_report(plan, runtime, final, history, timings)
+    report = runfolder.make_report(plan, runtime, final, history, timings)   # collective when sharded
     if ranks.world > 1:
         report["ranks"] = ranks.world
+        report["distributed"] = plan.train.distributed
     lowered = None
     if plan.lower.backend != "dense" and ranks.main:
         report["lowering"], lowered = lower_for_run(baked, plan, example_inputs_for(plan.model))
     if writes:
         t3 = time.perf_counter()
-        runfolder.write(out, plan, pruned, baked, report, runtime.events, lowered=lowered,
+        runfolder.write(out, plan, written, baked, report, runtime.events, lowered=lowered,
                         inputs=example_inputs_for(plan.model))
         report["timings"]["write_s"] = time.perf_counter() - t3
         if ckpt_path:

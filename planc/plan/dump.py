@@ -72,7 +72,8 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
     if t.data is not None:
         train["data"] = {"factory": t.data.path, "kwargs": t.data.kwargs_dict()}
     train.update(steps=t.steps, optimizer=optimizer, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-                 eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, loss=t.loss, seed=t.seed)
+                 eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, loss=t.loss, seed=t.seed,
+                 distributed=t.distributed)
 
     lo = plan.lower
     out: Dict[str, Any] = {

@@ -398,6 +398,7 @@ def resolve(data: dict, *, origin: Optional[str] = None, positions: Optional[Pos
         eval_every=int(tr.get("eval_every", dt.eval_every)),
         checkpoint_every=int(tr.get("checkpoint_every", dt.checkpoint_every)),
         loss=tr.get("loss", dt.loss), seed=int(tr.get("seed", dt.seed)),
+        distributed=tr.get("distributed", dt.distributed),
     )
     lw, dl = data.get("lower", {}), Lower()
     lower = Lower(backend=lw.get("backend", dl.backend), dtype=lw.get("dtype", dl.dtype),
