@@ -301,7 +301,10 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, overwr
 
     Under torchrun (planc.distributed.join_from_environment) every rank runs this with
     the same plan: each trains DDP on its slice of every global batch, so the run is the
-    single-process run up to float summation order; rank 0 alone writes and logs."""
+    single-process run up to float summation order; rank 0 alone writes and logs. With
+    `train.distributed: fsdp` the compiled module is sharded with FSDP2 instead
+    (planc.sharding): checkpoints and the run folder are written by rank 0 from full
+    tensors gathered from the shards."""
     ranks = distributed.join_from_environment()
     try:
         return _train(plan, out, ranks, resume=resume, overwrite=overwrite, stop_after=stop_after,
