@@ -3,7 +3,8 @@ built-in trainer (planc.train), ending in a run folder (planc.runfolder).
 
 Data parallel: `torchrun --nproc_per_node N -m planc.cli apply PLAN` runs the same plan
 on N CPU processes (gloo); each trains on its slice of every batch and rank 0 writes the
-run folder.
+run folder. With `train.distributed: fsdp` in the plan the ranks shard the model with FSDP2
+instead of replicating it (docs/robustness.md).
 
 Exit status (planc.cli): 0 done, 2 a bad plan or arguments, 1 anything else."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from planc import distributed, runfolder
+from planc import distributed, runfolder, sharding
 from planc.checkpoint import remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
 from planc.lowering import lower_for_run
@@ -235,6 +235,34 @@ class _Session:
         return os.path.join(self.out, runfolder.EVENTS) if self.writes else None
 
 
+def _checkpoint_state(module, opt, runtime: Runtime, keep: bool) -> Optional[dict]:
+    """Model, optimizer and runtime state as full tensors. A sharded module's are
+    gathered (collective: every rank calls this; ranks with keep=False drop them), so a
+    checkpoint has one layout whatever the run's sharding: one pickle-free file with its
+    sha256 (planc.checkpoint), resumable on any number of ranks."""
+    if not sharding.uses_fsdp(module):
+        return {"model": module.state_dict(), "optimizer": opt.state_dict(),
+                "runtime": runtime.state_dict()} if keep else None
+    state = {"model": sharding.gather_state(module.state_dict(), keep),
+             "optimizer": sharding.gather_state(opt.state_dict(), keep),
+             "runtime": runtime.state_dict()}
+    return state if keep else None
+
+
+def _unsharded_copy(plan: Plan, module, keep: bool):
+    """A plain Pruned holding `module`'s full (gathered) state, for bake and the run
+    folder; None where keep is False. The model is built again from the plan's factory
+    (under a forked RNG: training is over, but nothing after it should see a changed
+    stream), so no rank holds an unsharded copy during training."""
+    state = sharding.gather_state(module.state_dict(), keep)   # collective
+    if not keep:
+        return None
+    with torch.random.fork_rng():
+        plain = planc_compile(call_factory(plan, "model.factory"), plan)
+    plain.module.load_state_dict(state)
+    return plain
+
+
 def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, overwrite: bool = False,
           stop_after: Optional[int] = None, progress: Optional[bool] = None,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainResult:
@@ -247,7 +275,10 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, overwr
 
     Under torchrun (planc.distributed.join_from_environment) every rank runs this with
     the same plan: each trains DDP on its slice of every global batch, so the run is the
-    single-process run up to float summation order; rank 0 alone writes and logs."""
+    single-process run up to float summation order; rank 0 alone writes and logs. With
+    `train.distributed: fsdp` the compiled module is sharded with FSDP2 instead
+    (planc.sharding): checkpoints and the run folder are written by rank 0 from full
+    tensors gathered from the shards."""
     ranks = distributed.join_from_environment()
     try:
         return _train(plan, out, ranks, resume=resume, overwrite=overwrite, stop_after=stop_after,
@@ -273,13 +304,14 @@ def _open_output(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwri
 
 def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Batches") -> Tuple[List[dict], dict]:
     """Load a checkpoint's state into the run; (history, timings). A state that does not
-    fit this run is a RunFolderError naming the file."""
+    fit this run is a RunFolderError naming the file. The checkpoint holds full tensors
+    (also of a sharded run: _checkpoint_state); a sharded run takes its slices."""
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise RunFolderError(f"{used}: not a planc checkpoint")
     try:
-        pruned.module.load_state_dict(state["model"])
+        sharding.load_model_state(pruned.module, state["model"])
         runtime.load_state_dict(state["runtime"])
-        opt.load_state_dict(state["optimizer"])
+        sharding.load_optimizer_state(opt, state["optimizer"])
         batches.restore(state["loader"])
         _set_rng_state(state["rng"])
         return list(state["history"]), dict(state["timings"])
@@ -322,6 +354,9 @@ class _Run:
         model = call_factory(plan, "model.factory")
         train_loader, self.eval_loader = call_factory(plan, "train.data")
         self.pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
+        self.fsdp = ranks.world > 1 and plan.train.distributed == "fsdp"
+        if self.fsdp:
+            sharding.shard_module(self.pruned.module)     # before the optimizer: it must hold the sharded parameters
         self.runtime = self.pruned.pruning_runtime()
         self.runtime.record_to(session.events_path)
         self.opt = make_optimizer(plan, self.runtime)
@@ -332,7 +367,7 @@ class _Run:
         self.timings = {"train_s": 0.0, "eval_s": 0.0}
         self.module = self.pruned.module
         # DDP all-reduces gradients; the pruning decisions are synchronised by planc.distributed
-        self.forward = DistributedDataParallel(self.module) if ranks.world > 1 else self.module
+        self.forward = DistributedDataParallel(self.module) if ranks.world > 1 and not self.fsdp else self.module
         self.last_loss, self.metric = float("nan"), None
 
     def loop(self, stop_after: Optional[int], progress: Optional[bool]) -> bool:
@@ -395,13 +430,12 @@ class _Run:
         return post
 
     def checkpoint(self) -> None:
+        state = _checkpoint_state(self.module, self.opt, self.runtime, keep=self.session.writes)   # every rank
         if not self.session.writes:
             return
         save_state_keep_previous(self.session.checkpoint_path, {
-            "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(self.plan), "step": self.runtime.t,
-            "model": self.module.state_dict(), "optimizer": self.opt.state_dict(),
-            "runtime": self.runtime.state_dict(), "loader": self.batches.state(), "rng": _rng_state(),
-            "history": self.history, "timings": self.timings,
+            "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(self.plan), "step": self.runtime.t, **state,
+            "loader": self.batches.state(), "rng": _rng_state(), "history": self.history, "timings": self.timings,
         })
 
     def finish(self, t_start: float) -> TrainResult:
@@ -409,19 +443,23 @@ class _Run:
         plan, session, timings = self.plan, self.session, self.timings
         final = self.evaluate()
         t2 = time.perf_counter()
-        baked = self.pruned.bake().eval()                 # the product is for inference
+        written = self.pruned                             # what bake and the run folder read
+        if self.fsdp:                                     # full tensors gathered once, kept on rank 0 only
+            written = _unsharded_copy(plan, self.module, keep=self.ranks.main)
+        baked = written.bake().eval() if written is not None else None   # the product is for inference
         timings["bake_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t_start
         timings["steps_per_s"] = plan.train.steps / timings["train_s"] if timings["train_s"] else None
-        report = runfolder.make_report(plan, self.runtime, final, self.history, timings)
+        report = runfolder.make_report(plan, self.runtime, final, self.history, timings)   # collective when sharded
         if self.ranks.world > 1:
             report["ranks"] = self.ranks.world
+            report["distributed"] = plan.train.distributed
         lowered = None
         if plan.lower.backend != "dense" and self.ranks.main:
             report["lowering"], lowered = lower_for_run(baked, plan, example_inputs_for(plan.model))
         if session.writes:
             t3 = time.perf_counter()
-            runfolder.write(session.out, plan, self.pruned, baked, report, self.runtime.events, lowered=lowered,
+            runfolder.write(session.out, plan, written, baked, report, self.runtime.events, lowered=lowered,
                             inputs=example_inputs_for(plan.model))
             report["timings"]["write_s"] = time.perf_counter() - t3
             if session.checkpoint_path:

@@ -19,6 +19,12 @@ The Trainer builds its optimizer from `model.parameters()`, which include the at
 logits of SequentialAttention++ masks (they are parameters of `pruned.module`); to give
 the logits their own learning rate or weight decay, pass
 `optimizers=(torch.optim.AdamW(pruned.param_groups(lr=...)), None)` to the Trainer.
+FSDP2 (accelerate's `fsdp_version: 2`): the compiled module must be sharded at its root
+(`fsdp_auto_wrap_policy: NO_WRAP`): a compiled GraphModule never calls its layers, so a
+per-layer wrap policy is refused at on_train_begin with a one-line RuntimeStateError
+(planc.sharding.check_groups). The runtime then gathers each masked weight to score it
+and zeroes pruned blocks on each rank's shard; on_save runs on every rank (it gathers the
+sharded logits) and rank 0 writes.
 The plan's schedule should cover `max_steps`: a mismatch is logged as a warning (past the
 schedule's end the runtime holds the last phase).
 """
@@ -67,12 +73,15 @@ class PlancCallback(TrainerCallback):
         self.pruned.step()
 
     def on_save(self, args, state, control, **kwargs):
-        if not self.save_state or not state.is_world_process_zero:
+        if not self.save_state:
+            return
+        runtime_state = self.pruned.state_dict()   # on every rank: gathers FSDP2-sharded logits (collective)
+        if not state.is_world_process_zero:
             return
 
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            save_state(os.path.join(folder, STATE_FILE), self.pruned.state_dict())
+            save_state(os.path.join(folder, STATE_FILE), runtime_state)
 
     def _maybe_resume(self, args, state) -> None:
         if not state.global_step:

@@ -140,6 +140,7 @@ class Train:
     checkpoint_every: int = 0                    # 0: no checkpoints
     loss: str = "cross_entropy"                  # cross_entropy | mse
     seed: int = 0
+    distributed: str = "ddp"                     # under torchrun: ddp | fsdp (planc.sharding)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from planc.blocks import sparsify_grid_count
-from planc import distributed
+from planc import distributed, sharding
 from planc.errors import RuntimeStateError
 from planc.mask import BlockMask
 from planc.plan.types import Phase, Plan
@@ -123,7 +123,10 @@ class Runtime:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer whose state is reset at phase edges. Starts the schedule (applies
-        step 0's actions) if it has not started yet."""
+        step 0's actions) if it has not started yet. An FSDP2-sharded module is checked
+        first (planc.sharding)."""
+        sharding.check_groups(self.module)
+        sharding.check_optimizer(self.module, optimizer)
         self.optimizer = optimizer
         self.start()
 
@@ -170,8 +173,10 @@ class Runtime:
         rows = []
         for name, mask in self.masks.items():
             n, alive = mask.num_blocks, int(mask.alive.sum())
-            w = self.weight(name).detach()
-            eff = mask.effective_weight(w)
+            with sharding.full_logits([mask]):
+                w = sharding.full(self.weight(name).detach())   # collective when sharded
+                eff = mask.effective_weight(w)
+                a = mask.attention().detach()[mask.alive] if mask.logits is not None else None
             row = {
                 "layer": name,
                 "mode": mask.mode,
@@ -184,8 +189,7 @@ class Runtime:
                 "achieved_sparsity": 1.0 - alive / n,
                 "weight_sparsity": float((eff == 0).float().mean()),
             }
-            if mask.logits is not None:
-                a = mask.attention().detach()[mask.alive]
+            if a is not None:
                 row["attention_std"] = float(a.std()) if a.numel() > 1 else 0.0
                 row["attention_range"] = [float(a.min()), float(a.max())] if a.numel() else None
             rows.append(row)
@@ -202,7 +206,7 @@ class Runtime:
             "started": self.started,
             "layers": {
                 name: {"alive": m.alive.detach().clone(),
-                       "logits": None if m.logits is None else m.logits.detach().clone()}
+                       "logits": None if m.logits is None else sharding.full(m.logits.detach()).clone()}
                 for name, m in self.masks.items()
             },
             "events": copy.deepcopy(self.events),
@@ -282,7 +286,7 @@ class Runtime:
                 entry = layers[name]
                 mask.alive.copy_(entry["alive"].to(torch.bool))
                 if mask.logits is not None:
-                    mask.logits.copy_(entry["logits"])
+                    sharding.copy_(mask.logits, entry["logits"])
         self.t = step
         self.phase_index = phase
         self.started = bool(state.get("started", True))
@@ -356,7 +360,8 @@ class Runtime:
         for name, mask in self.masks.items():
             if mask.logits is None:
                 continue
-            a = mask.attention().detach().float()[mask.alive].flatten()
+            with sharding.full_logits([mask]):          # collective when sharded
+                a = mask.attention().detach().float()[mask.alive].flatten()
             if a.numel() == 0:
                 continue
             lo, hi = float(a.min()), float(a.max())
@@ -373,8 +378,9 @@ class Runtime:
         mask = self.masks[name]
         if int((~mask.alive).sum()) >= total:
             return 0
-        weight = self.weight(name)
-        scores = self.method.score(mask, weight)
+        weight = sharding.full(self.weight(name))   # scores see the whole weight (collective when sharded)
+        with sharding.full_logits([mask]):
+            scores = self.method.score(mask, weight)
         newly = select_prune(scores, mask.alive, total)
         newly = distributed.broadcast_decision(newly)   # every rank applies rank 0's choice (planc.distributed)
         mask.alive &= ~newly
@@ -388,19 +394,18 @@ class Runtime:
             return
         mask = self.masks[name]
         weight = self.weight(name)
-        hit = mask.view.expand(blocks.to(torch.bool)).to(weight.device)
-        weight.masked_fill_(hit, 0)
+        hit = mask.view.expand(blocks.to(torch.bool))
+        sharding.fill_(weight, hit)                    # a sharded weight: this rank's rows only
         if self.optimizer is not None:
             for value in self.optimizer.state.get(weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                    value.masked_fill_(hit, 0)
+                    sharding.fill_(value, hit)
 
     @torch.no_grad()
     def _enforce_zeros(self) -> None:
         for name, mask in self.masks.items():
             if not bool(mask.alive.all()):
-                weight = self.weight(name)
-                weight.masked_fill_(mask.view.expand(~mask.alive).to(weight.device), 0)
+                sharding.fill_(self.weight(name), mask.view.expand(~mask.alive))
 
     def _reset_optimizer(self) -> None:
         if self.optimizer is not None:
