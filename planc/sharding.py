@@ -62,7 +62,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def _local_slice(value: torch.Tensor, like) -> torch.Tensor:
     """This rank's part of the full-shaped `value`, laid out as `like`'s local tensor
     (`like` is a DTensor, so torch.distributed.tensor is loaded)."""
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate   # lazy: already loaded here; 0.6 s for every other import
 
     replicated = DTensor.from_local(value.to(like.device), like.device_mesh,
                                     [Replicate()] * like.device_mesh.ndim, run_check=False)
