@@ -41,6 +41,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from planc.kernels.cost import choose_cpu_strategy
 from planc.kernels.format import BlockSparseMatrix
 
 STRATEGIES = ("cols", "mkl", "dense")
@@ -70,6 +71,21 @@ def _check(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None) -
         raise ValueError(f"expected x of shape (M, {bsm.shape[1]}), got {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (bsm.shape[0],):
         raise ValueError(f"expected bias of shape ({bsm.shape[0]},), got {tuple(bias.shape)}")
+
+
+def forward_stored(x: torch.Tensor, values: torch.Tensor, order: str, index, bias: torch.Tensor | None,
+                   shape, strategy: str = "auto") -> torch.Tensor:
+    """The forward of a lowered layer from its stored blocks (kernels/library.py's op):
+    `strategy` "auto" picks the formulation for this call's row count (kernels/cost.py);
+    blocks stored by column go to the column panels without a gather."""
+    if strategy == "auto":
+        nnz, (r, c), (R, C) = values.shape[0], tuple(values.shape[1:]), shape
+        density = nnz / max(1, (-(-R // r)) * (-(-C // c)))
+        strategy = choose_cpu_strategy(x.shape[0], (R, C), (r, c), density, x.dtype)
+    if strategy == "cols" and order == "col":
+        crow, col, row, tcrow, trow, tperm = index
+        return forward_columns(x, values, tcrow, trow, shape, bias)
+    return forward(x, BlockSparseMatrix.stored(values, order, index, shape), bias, strategy=strategy)
 
 
 def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None = None,

@@ -82,6 +82,21 @@ class BlockSparseMatrix:
         return cls(shape=(R, C), block=(r, c), values=values.contiguous(), crow=crow64.to(i32), col=col64.to(i32),
                    row=row64.to(i32), tcrow=tcrow.to(i32), trow=row64[tperm].to(i32), tperm=tperm)
 
+    @classmethod
+    def stored(cls, values: torch.Tensor, order: str, index: Sequence[torch.Tensor],
+               shape: Sequence[int]) -> "BlockSparseMatrix":
+        """The matrix of a lowered layer's stored blocks: `values` in `order` ("row":
+        block-row-major; "col": grouped by block-column, i.e. `grouped_by_column()`), and
+        its index tensors (crow, col, row, tcrow, trow, tperm). Column-ordered values are
+        kept as the column-grouped cache and put in row order for `values`."""
+        crow, col, row, tcrow, trow, tperm = index
+        r, c = int(values.shape[1]), int(values.shape[2])
+        if order not in ("row", "col"):
+            raise ValueError(f"expected order 'row' or 'col', got {order!r}")
+        rows = values if order == "row" else values[inverse(tperm)]
+        return cls(shape=tuple(int(v) for v in shape), block=(r, c), values=rows, crow=crow, col=col, row=row,
+                   tcrow=tcrow, trow=trow, tperm=tperm, values_t=values if order == "col" else None)
+
     def with_values(self, values: torch.Tensor) -> "BlockSparseMatrix":
         """The same support with other values (e.g. a trainable Parameter)."""
         if tuple(values.shape) != tuple(self.values.shape):
@@ -138,3 +153,10 @@ class BlockSparseMatrix:
         if self.nnz:
             grid[self.row.long(), self.col.long()] = True
         return grid
+
+
+def inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `perm`."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv

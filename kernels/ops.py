@@ -2,7 +2,7 @@
 
     block_sparse_linear(x, bsm, bias)  →  torch.ops.planc.bsr_linear (kernels/library.py:
                                           a registered op with its gradients)  →  launcher
-                                          (Triton on CUDA, kernels/cpu.py on CPU)
+                                          (kernels/backends.py: Triton on CUDA, kernels/cpu.py on CPU)
 
 One frozen BlockSparseMatrix carries the support; its values are an explicit input of
 the op so that a trainable Parameter gets gradients, on the support only (a sparse
@@ -15,26 +15,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from planc.kernels import library
+from planc.kernels import backends, library
 from planc.kernels.format import BlockSparseMatrix
 
-BACKENDS = ("auto", "triton", "cpu", "dense")
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"expected a backend in {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    return backend
+    """The name of the backend `backend` ("auto" or a record's name) means on `device`."""
+    return backends.resolve(backend, device).name
 
 
 def block_sparse_linear(x: torch.Tensor, bsm: BlockSparseMatrix, bias: Optional[torch.Tensor] = None,
                         *, backend: str = "auto", strategy: str | None = None) -> torch.Tensor:
     """y = x·Wᵀ + bias with W the block-sparse matrix `bsm`; x (..., C) → (..., R).
 
-    backend: "auto" (Triton on CUDA, the CPU path elsewhere) | "triton" | "cpu" | "dense"
-    (materialise W; a reference). strategy: the CPU formulation (kernels/cpu.py), chosen
+    backend: "auto" (by x's device) or a backend of kernels/backends.py. strategy: the CPU formulation (kernels/cpu.py), chosen
     per shape by kernels/cost.py when None."""
     R, C = bsm.shape
     if x.shape[-1] != C:
@@ -80,9 +73,8 @@ class BlockSparseLinear(nn.Module):
 
     def matrix(self) -> BlockSparseMatrix:
         """The BlockSparseMatrix (values in block-row order) over the current values."""
-        return BlockSparseMatrix(shape=self.shape, block=self.block,
-                                 values=library.row_values(self.values, self.order, self.tperm), crow=self.crow,
-                                 col=self.col, row=self.row, tcrow=self.tcrow, trow=self.trow, tperm=self.tperm)
+        index = tuple(getattr(self, name) for name in library.INDEX_NAMES)
+        return BlockSparseMatrix.stored(self.values, self.order, index, self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         R, C = self.shape

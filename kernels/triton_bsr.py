@@ -247,6 +247,12 @@ def _checked(block, dtype):
     return meta
 
 
+def forward_stored(x: torch.Tensor, values: torch.Tensor, order: str, index, bias: torch.Tensor | None,
+                   shape, strategy: str = "auto") -> torch.Tensor:
+    """The forward of a lowered layer from its stored blocks (kernels/library.py's op)."""
+    return forward(x, BlockSparseMatrix.stored(values, order, index, shape), bias)
+
+
 def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Y = x·Wᵀ + bias, x (M, C) → (M, R), in x's dtype (fp32 accumulation)."""
     _check_inputs(x, bsm, "x", bsm.shape[1])

@@ -36,7 +36,8 @@ from planc.blocks import BlockView
 from planc.kernels.conv import BlockSparseConv2d
 from planc.kernels.cost import predict_speedup
 from planc.kernels.format import BlockSparseMatrix
-from planc.kernels.ops import BACKENDS, BlockSparseLinear, resolve_backend
+from planc.kernels import backends
+from planc.kernels.ops import BlockSparseLinear
 from planc.timing import interleaved
 
 from .nodes import graph_modules, weight_uses
@@ -68,8 +69,8 @@ def lower(gm: fx.GraphModule, backend: str = "auto", dtype: Optional[torch.dtype
           inplace: bool = False, verbose: bool = False, measure: bool = False) -> fx.GraphModule:
     """A copy of `gm` (unless inplace) with its pruned layers on block-sparse kernels.
 
-    backend: "auto" (Triton when the weights are on CUDA, else the CPU path) | "triton" |
-    "cpu" | "dense" (lower nothing, report only). dtype: the kernels' dtype (values are
+    backend: "auto" (the backend of the weights' device: Triton on CUDA, the CPU path
+    elsewhere), a backend of kernels/backends.py, or "dense" (lower nothing, report only). dtype: the kernels' dtype (values are
     cast; inputs are cast to it and outputs back). min_speedup: lower a layer only when
     the predicted speedup over dense reaches it (0 lowers every pruned layer). tokens:
     the row count the prediction assumes (default: from the graph's shape metadata, else
@@ -86,8 +87,8 @@ class LowerPass(GraphPass):
     name = "lower"
 
     def __init__(self, config: LowerConfig = LowerConfig()):
-        if config.backend not in BACKENDS:
-            raise ValueError(f"expected a backend in {BACKENDS}, got {config.backend!r}")
+        if config.backend not in backends.PLAN_NAMES:
+            raise ValueError(f"expected a backend in {backends.PLAN_NAMES}, got {config.backend!r}")
         self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
@@ -132,12 +133,12 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
         why = _conv_unsupported(use, stored)
         if why:
             return keep(why)
-    chosen = resolve_backend(backend, weight.device) if backend != "dense" else "dense"
+    chosen = backends.resolve(backend, weight.device) if backend != backends.NONE else None
     block = _block_for(node, name, blocks)
     view_shape = BlockView(tuple(weight.shape), (1, 1)).matrix_shape
     n_tokens = int(tokens) if tokens else _tokens_of(node, use.op) or DEFAULT_TOKENS
     kdtype = dtype or weight.dtype
-    cost_backend = "triton" if chosen == "triton" else "cpu"
+    cost_backend = chosen.cost if chosen is not None else backends.resolve(backends.AUTO, weight.device).cost
     if block is None:
         block = _infer_block(weight, n_tokens, kdtype, cost_backend)
         if block is None:
@@ -148,13 +149,11 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
         return keep(f"no pruned blocks at block {tuple(block)}")
     speedup = predict_speedup(n_tokens, view_shape, block, bsm.density, kdtype, cost_backend)
     row["predicted_speedup"] = round(speedup, 2)
-    if chosen == "dense":
-        return keep("backend 'dense' requested")
-    if chosen == "triton" and weight.device.type != "cuda":
-        from planc.kernels import triton_bsr   # lazy: importing it sets up Triton (TRITON_INTERPRET is read then)
-
-        if not triton_bsr.INTERPRET:
-            return keep("backend 'triton' needs CUDA weights (or TRITON_INTERPRET=1)")
+    if chosen is None:
+        return keep(f"backend {backends.NONE!r} requested")
+    why = chosen.unavailable(weight.device)
+    if why:
+        return keep(why)
     if speedup < min_speedup:
         return keep(f"predicted {speedup:.2f}x < min_speedup {min_speedup:g} at {n_tokens} tokens")
 
@@ -171,7 +170,7 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
                         f"(predicted {speedup:.2f}x)")
         reason = f"measured {measured:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens (predicted {speedup:.2f}x)"
     new_node = _replace(gm, use, module)
-    row.update(action="lowered", backend=chosen, reason=reason)
+    row.update(action="lowered", backend=chosen.name, reason=reason)
     new_node.meta[M.LOWERED] = M.LoweredRecord(**row)   # the node kept (call_module) or its replacement
     return row
 
@@ -212,16 +211,15 @@ def _conv_padding(use, weight) -> Optional[Tuple[int, int]]:
     return (tot_h // 2, tot_w // 2)
 
 
-def _make_module(use, weight, bsm, bias, backend):
-
-    # the CPU forward reads blocks by column: store them so (once, and no gather per call)
-    order = "col" if backend == "cpu" else "row"
+def _make_module(use, weight, bsm, bias, backend: backends.Backend):
+    # the kept blocks stored in the order the backend's forward reads them (once, no gather per call)
+    order = backend.values_order
     if use.op == "linear":
-        return _DtypeAdapter(BlockSparseLinear(bsm, bias, backend=backend, order=order))
+        return _DtypeAdapter(BlockSparseLinear(bsm, bias, backend=backend.name, order=order))
     padding = _conv_padding(use, weight)
     return _DtypeAdapter(BlockSparseConv2d(bsm, bias, in_channels=weight.shape[1], kernel_size=tuple(weight.shape[2:]),
                                            stride=use.stride or 1, padding=padding, dilation=use.dilation or 1,
-                                           backend=backend, order=order))
+                                           backend=backend.name, order=order))
 
 
 class _DtypeAdapter(nn.Module):

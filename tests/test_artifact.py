@@ -281,7 +281,7 @@ def test_a_crafted_pytree_spec_is_refused(saved, tmp_path):
 def test_column_ordered_values_compute_the_same_with_the_same_gradients():
     """A layer lowered for the CPU stores its kept blocks by column (no gather per call);
     forward, dX, dvalues (in the stored order) and dbias equal the row-ordered layer's."""
-    from planc.kernels.format import BlockSparseMatrix
+    from planc.kernels.format import BlockSparseMatrix, inverse
     from planc.kernels.ops import BlockSparseLinear
 
     g = torch.Generator().manual_seed(0)
@@ -297,7 +297,7 @@ def test_column_ordered_values_compute_the_same_with_the_same_gradients():
             xi = x.clone().requires_grad_(True)
             y = layer(xi)
             y.pow(2).sum().backward()
-            dv = layer.values.grad if order == "row" else layer.values.grad[planc.kernels.library.inverse(bsm.tperm)]
+            dv = layer.values.grad if order == "row" else layer.values.grad[inverse(bsm.tperm)]
             outs[order, strategy] = (y.detach(), xi.grad, dv, layer.bias.grad)
     ref = outs["row", "cols"]
     dense = torch.nn.functional.linear(x, bsm.to_dense(), bias)

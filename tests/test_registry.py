@@ -44,3 +44,18 @@ def test_every_record_points_at_real_things(name):
         assert spec.preset_key in spec.keys
     assert set(spec.may_be_empty) <= set(spec.presets)
     assert DEFAULT_METHOD in METHODS and Method().name == DEFAULT_METHOD
+
+
+def test_the_schema_lists_the_lowering_backends():
+    """The plan's lower.backend is checked against the backend registry (kernels/backends.py;
+    it needs torch, which `planc validate` does not load, so the schema lists the names)."""
+    from planc.kernels.backends import BACKENDS, PLAN_NAMES
+
+    assert schema()["$defs"]["lower"]["properties"]["backend"]["enum"] == list(PLAN_NAMES)
+    import torch
+
+    for backend in BACKENDS.values():
+        if backend.unavailable(torch.device("cpu")) is None:       # its kernel module imports here
+            module = backend.module()
+            assert all(callable(getattr(module, f)) for f in ("forward_stored", "grad_input", "grad_values"))
+        assert backend.values_order in ("row", "col")
