@@ -34,6 +34,19 @@ _GPU_EFF = {16: 0.3, 32: 0.5, 64: 0.75, 128: 0.8}
 _GPU_LAUNCH_S = 8e-6
 _GPU_DENSE_FLOPS = {torch.float32: 4.0e14, torch.float16: 7.0e14, torch.bfloat16: 7.0e14}
 
+# Below this many flops per thread, handing work to another thread costs more than it
+# saves (a pool round trip and two set_num_threads calls are ~0.1 ms).
+MIN_FLOPS_PER_THREAD = 2e7
+
+
+def thread_parts(flops: float, groups: int) -> int:
+    """How many threads to split a product over: all of torch's threads, unless the
+    product is too small to pay for the hand-off."""
+    parts = min(torch.get_num_threads(), groups)
+    while parts > 1 and flops < parts * MIN_FLOPS_PER_THREAD:
+        parts -= 1
+    return max(1, parts)
+
 
 def _cpu_gemm_eff(c: int) -> float:
     """Fraction of a core's dense GEMM rate that the column panels reach: their K is the
@@ -74,11 +87,10 @@ def predict(tokens: int, shape, block, density: float, dtype: torch.dtype = torc
 def _cpu_cols_s(tokens: int, gr: int, gc: int, nnz: float, r: int, c: int) -> float:
     """Column panels (kernels/cpu.py): one GEMM per block-column, the products scatter-
     added once, the block-columns shared by torch's threads when the product is big enough."""
-    from planc.kernels.cpu import _num_parts   # the split the kernel will make
 
     sparse_flops = 2.0 * tokens * nnz * r * c
     work = sparse_flops / (_CPU_CORE_FLOPS * _cpu_gemm_eff(c)) + 4.0 * nnz * r * tokens / _CPU_SCATTER_BYTES_PER_S
-    parts = _num_parts(sparse_flops, gc)
+    parts = thread_parts(sparse_flops, gc)
     # each extra thread's accumulator: zeroed, written, summed into the output
     reduce = (parts - 1) * 3 * 4.0 * gr * r * tokens / _CPU_SCATTER_BYTES_PER_S
     return work / parts + reduce + gc * _CPU_COL_CALL_S + _CPU_COLS_OVERHEAD_S

@@ -41,14 +41,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from planc.kernels.cost import choose_cpu_strategy
+from planc.kernels.cost import choose_cpu_strategy, thread_parts
 from planc.kernels.format import BlockSparseMatrix
 
 STRATEGIES = ("cols", "mkl", "dense")
 
-# Below this many flops per thread, handing work to another thread costs more than it
-# saves (a pool round trip and two set_num_threads calls are ~0.1 ms).
-_MIN_FLOPS_PER_THREAD = 2e7
 # The threads' accumulators for one token tile together stay below this (L3 is 32 MiB):
 # at 8192 tokens a whole-output accumulator streamed from memory and ran 3× slower.
 _TILE_BYTES = 24 << 20
@@ -148,7 +145,7 @@ def _accumulate_panels(out: torch.Tensor, init: torch.Tensor | None, panels: tor
     takes fewer groups; a static split waited for it (1.3× slower here under load)."""
     ptr_l, dest = ptr.tolist(), dest.long()
     M, rows = out.shape[2], out.shape[0] * out.shape[1]
-    parts = _num_parts(2.0 * dest.numel() * out_width * in_width * M, len(ptr_l) - 1)
+    parts = thread_parts(2.0 * dest.numel() * out_width * in_width * M, len(ptr_l) - 1)
     # token tiles small enough that the threads' accumulators stay in the L3 cache
     tile = max(64, _TILE_BYTES // (4 * parts * rows))
     for t0 in range(0, M, tile):
@@ -251,15 +248,6 @@ def _even_ranges(n: int, parts: int):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _num_parts(flops: float, groups: int) -> int:
-    """How many threads to split a product over: all of torch's threads, unless the
-    product is too small to pay for the hand-off."""
-    parts = min(torch.get_num_threads(), groups)
-    while parts > 1 and flops < parts * _MIN_FLOPS_PER_THREAD:
-        parts -= 1
-    return max(1, parts)
-
-
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 
@@ -331,7 +319,7 @@ def grad_values(dy: torch.Tensor, x: torch.Tensor, bsm: BlockSparseMatrix) -> to
         xb = _token_minor(x.detach(), gc * c, cd).view(gc, c, M)
         col, rc = bsm.col.long(), bsm.crow.tolist()
         todo = itertools.count()
-        parts = _num_parts(2.0 * M * bsm.nnz * r * c, gr)
+        parts = thread_parts(2.0 * M * bsm.nnz * r * c, gr)
         _run_parallel([lambda: _grad_rows(dv, dyt, xb, col, rc, todo, r, c)] * parts)
     return dv.to(out_dtype)
 

@@ -91,7 +91,9 @@ def split_threads(monkeypatch):
     """Force the multi-thread split of the "cols" path even on tiny shapes, over 3
     threads so the row ranges are uneven; restores torch's thread count."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr(cpu, "_MIN_FLOPS_PER_THREAD", 0.0)
+    from planc.kernels import cost
+
+    monkeypatch.setattr(cost, "MIN_FLOPS_PER_THREAD", 0.0)
     torch.set_num_threads(3)
     yield 3
     torch.set_num_threads(threads)
