@@ -48,10 +48,10 @@ class Backend:
 
 
 _RECORDS = (
-    Backend(name="cpu", kernels="planc.kernels.cpu", cost="cpu", values_order="col", transposed_output=True,
-            auto_for=("cpu",)),
     Backend(name="triton", kernels="planc.kernels.triton_bsr", cost="triton", values_order="row",
             transposed_output=False, auto_for=("cuda",), unavailable=_triton_unavailable),
+    Backend(name="cpu", kernels="planc.kernels.cpu", cost="cpu", values_order="col", transposed_output=True,
+            auto_for=("cpu",)),
 )
 BACKENDS: Dict[str, Backend] = {b.name: b for b in _RECORDS}
 PLAN_NAMES: Tuple[str, ...] = (AUTO, *BACKENDS, NONE)         # what `lower.backend` accepts
