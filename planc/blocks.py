@@ -109,6 +109,26 @@ class BlockView:
         m = grid.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)[:R, :C]
         return self.from_matrix(m)
 
+    def scale(self, weight: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """weight ⊙ expand(grid), as one broadcast multiply over a blocked view of the
+        weight when the blocks tile it exactly (no expanded copy of the grid is made,
+        forward or backward: the mask's cost in training); otherwise through expand."""
+        if tuple(grid.shape) != self.grid:
+            raise ValueError(f"expected a grid of shape {self.grid}, got {tuple(grid.shape)}")
+        (R, C), (r, c), (gr, gc) = self.matrix_shape, self.block, self.grid
+        if R % r or C % c:
+            return weight * self.expand(grid)
+        if self.is_conv:
+            out, cin, kh, kw = self.weight_shape
+            if cin % c:
+                return weight * self.expand(grid)
+            # matrix columns are (tap, channel) with the channel fastest: a block is c channels at one tap
+            g = grid.view(gr, kh, kw, cin // c).permute(0, 3, 1, 2)[:, None, :, None]
+            return (weight.view(gr, r, cin // c, c, kh, kw) * g).view(self.weight_shape)
+        if self.transposed:                                   # stored (in, out) = (C, R)
+            return (weight.view(gc, c, gr, r) * grid.t()[:, None, :, None]).view(self.weight_shape)
+        return (weight.view(gr, r, gc, c) * grid[:, None, :, None]).view(self.weight_shape)
+
     def _check(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != tuple(self.weight_shape):
             raise ValueError(f"expected a weight of shape {tuple(self.weight_shape)}, got {tuple(weight.shape)}")

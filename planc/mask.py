@@ -80,15 +80,15 @@ class BlockMask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         support = self.alive.to(weight.dtype)
         if self.mode == "attention":
-            return weight * self.view.expand(self.attention().to(weight.dtype) * support)
+            return self.view.scale(weight, self.attention().to(weight.dtype) * support)
         if self.mode == "support":
-            return weight * self.view.expand(support)
+            return self.view.scale(weight, support)
         # powerprop
         if self.granularity == "element":
-            return weight * weight.abs().pow(self.alpha - 1) * self.view.expand(support)
+            return self.view.scale(weight * weight.abs().pow(self.alpha - 1), support)
         sq = self.view.to_blocks(weight).pow(2).sum(dim=(-1, -2))
         norms = sq.clamp_min(_NORM_EPS).sqrt()
-        return weight * self.view.expand(norms * support)
+        return self.view.scale(weight, norms * support)
 
     @torch.no_grad()
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:

@@ -88,3 +88,25 @@ def test_sparsify_grid_count_keeps_round_half_up_and_at_least_one_block():
     assert sparsify_grid_count(10, 0.85) == 8                # keep 1.5 -> 2 (half up)
     assert sparsify_grid_count(4, 0.999) == 3
     assert sparsify_grid_count(7, 0.0) == 0
+
+
+@pytest.mark.parametrize("shape,block,transposed", [
+    ((64, 48), (16, 8), False), ((48, 64), (8, 16), True), ((32, 16, 3, 3), (8, 4), False),
+    ((30, 50), (8, 16), False), ((32, 6, 3, 3), (8, 4), False), ((64, 48), (1, 1), False)])
+def test_scale_equals_the_expanded_product_with_the_same_gradients(shape, block, transposed):
+    """scale(W, g) is W ⊙ expand(g), values and gradients for both W and g, whether it
+    broadcasts over a blocked view (exact tiling) or falls back to expand (partial blocks,
+    conv blocks across channel slabs)."""
+    from planc.blocks import BlockView
+
+    view = BlockView(shape, block, transposed)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    grid = torch.randn(view.grid, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = w * view.expand(grid)
+    got = view.scale(w, grid)
+    assert torch.equal(got, ref)
+    probe = torch.randn(shape, generator=g, dtype=torch.float64)
+    gw_ref, gg_ref = torch.autograd.grad((ref * probe).sum(), (w, grid))
+    gw, gg = torch.autograd.grad((got * probe).sum(), (w, grid))
+    assert torch.equal(gw, gw_ref) and torch.allclose(gg, gg_ref, rtol=1e-12, atol=1e-12)
