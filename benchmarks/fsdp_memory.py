@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, init: str, hidden: int) -> None:
     gather = max(pruned.weight(n).numel() * pruned.weight(n).element_size() for n in pruned.masks)
     line = (f"rank {rank}: parameters {_bytes(params)} of {whole} bytes ({_bytes(params) / whole:.3f}), "
             f"gradients {grads}, optimizer state {state} (after the last edge's reset and steps), "
-            f"largest gather at a pruning update {gather} bytes; sparsity {pruned.runtime.mean_sparsity():.3f}")
+            f"largest gather at a pruning update {gather} bytes; sparsity {pruned.pruning_runtime().mean_sparsity():.3f}")
     for r in range(world):
         if r == rank:
             print(line, flush=True)

@@ -27,7 +27,6 @@ def main(argv):
                            "schedule.phases": [{"phase": "finetune", "steps": 200}]})
         pruned = planc.compile(model(), plan)
         runtime = pruned.pruning_runtime()
-        pruned.runtime = runtime
         runtime.start()                        # the finetune phase starts at step 0: prune now
         baked = pruned.bake().eval()
         row = {"sparsity": s, "mean_sparsity": runtime.mean_sparsity(), **evaluate(baked, plan)}

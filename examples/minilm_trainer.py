@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         trainer = Trainer(model=pruned.module, args=targs, train_dataset=Windows(train_ids, train_t),
                           compute_loss_func=loss_of, callbacks=[PlancCallback(pruned)])
         trainer.train()
-    rt = pruned.runtime
+    rt = pruned.pruning_runtime()
     print(f"trained {rt.t} steps in {time.perf_counter() - t0:.1f} s with "
           f"{'prune_loop' if args.plain else 'transformers.Trainer + PlancCallback'}; phase {rt.phase.kind}, "
           f"block sparsity {rt.mean_sparsity():.3f}")
