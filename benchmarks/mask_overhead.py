@@ -1,8 +1,9 @@
 """What the block masks cost a training step: an MLP 64→2048→2048→10 with 32×32 blocks,
 SGD with momentum, timed as a plain model, and compiled for SequentialAttention++ in its
-dense phase (masks and logits active) with the mask applied two ways: by broadcasting
-the block grid over a blocked view of the weight (BlockView.scale, what planc does) and by
-multiplying with the expanded full-size mask (BlockView.expand, what it did before).
+dense phase (masks and logits active) and in a sparse phase at 90% (pruned blocks zeroed
+after every step), with the mask applied and the pruned blocks zeroed two ways: over a
+blocked view of the weight (BlockView.scale and zero_blocks_, what planc does) and with
+expanded full-size masks (BlockView.expand, what it did before).
 Interleaved medians in one process, fp32, 2 threads. Not a test; figures in
 docs/benchmarks.md.
 
@@ -24,7 +25,7 @@ version: 1
 model: {example_inputs: [[64, 64]]}
 targets: {defaults: {block: [32, 32], sparsity: 0.9, min_blocks: 1}, rules: [{match: {position: last}, skip: true}]}
 method: {name: sequential_attention_pp}
-schedule: {phases: [{phase: dense, steps: 100000}]}
+schedule: {phases: [{phase: PHASE, steps: 100000}]}
 train: {steps: 100000}
 """
 
@@ -45,12 +46,21 @@ def stepper(model, params, x, y, after=lambda: None):
     return step
 
 
+def old_zero(self, tensor, grid):       # before: a full-size mask built for every zeroing
+    tensor.masked_fill_(self.expand(grid.to(torch.bool)), 0)
+
+
 def main(batches) -> None:
     torch.set_num_threads(2)
+    for phase in ("dense", "sparse"):
+        run_phase(phase, batches)
+
+
+def run_phase(phase: str, batches) -> None:
     torch.manual_seed(0)
     plain = mlp()
-    pruned = planc.compile(mlp(), planc.load_plan(PLAN), torch.randn(64, 64))
-    scale = BlockView.scale
+    pruned = planc.compile(mlp(), planc.load_plan(PLAN.replace("PHASE", phase)), torch.randn(64, 64))
+    scale, zero = BlockView.scale, BlockView.zero_blocks_
     for batch in batches:
         x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
         masked_params = pruned.param_groups(lr=1e-3)
@@ -58,15 +68,16 @@ def main(batches) -> None:
                  "masked": stepper(pruned.module, masked_params, x, y, pruned.step)}
         pruned.attach(torch.optim.SGD(masked_params, lr=1e-3))
 
-        def expanded():                      # the same step with the old way of masking
+        def expanded():                      # the same step with the old way of masking and zeroing
             BlockView.scale = lambda self, w, g: w * self.expand(g)
+            BlockView.zero_blocks_ = old_zero
             try:
                 steps["masked"]()
             finally:
-                BlockView.scale = scale
+                BlockView.scale, BlockView.zero_blocks_ = scale, zero
 
         t = interleaved({**steps, "expanded": expanded}, 31)
-        print(f"batch {batch}: plain {t['plain']:.2f} ms, SA++ dense phase {t['masked']:.2f} ms "
+        print(f"batch {batch}: plain {t['plain']:.2f} ms, SA++ {phase} phase {t['masked']:.2f} ms "
               f"({t['masked'] / t['plain']:.2f}x); with the expanded mask {t['expanded']:.2f} ms "
               f"({t['expanded'] / t['plain']:.2f}x)")
 

@@ -129,6 +129,25 @@ class BlockView:
             return (weight.view(gc, c, gr, r) * grid.t()[:, None, :, None]).view(self.weight_shape)
         return (weight.view(gr, r, gc, c) * grid[:, None, :, None]).view(self.weight_shape)
 
+    def blocked(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """A (gr, r, gc, c) view of a Linear weight (matrix rows and columns blocked) when
+        the blocks tile it exactly and it is stored (out, in); else None."""
+        (R, C), (r, c), (gr, gc) = self.matrix_shape, self.block, self.grid
+        if self.is_conv or self.transposed or R % r or C % c or not weight.is_contiguous():
+            return None
+        return weight.view(gr, r, gc, c)
+
+    @torch.no_grad()
+    def zero_blocks_(self, tensor: torch.Tensor, grid: torch.Tensor) -> None:
+        """tensor[blocks where grid is True] = 0, in place, for a tensor of the weight's
+        shape: through the blocked view when there is one (no full-size mask is built,
+        which matters after every optimizer step), else through expand."""
+        blocked = self.blocked(tensor)
+        if blocked is not None:
+            blocked.masked_fill_(grid.to(device=tensor.device, dtype=torch.bool)[:, None, :, None], 0)
+        else:
+            tensor.masked_fill_(self.expand(grid.to(torch.bool)).to(tensor.device), 0)
+
     def _check(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != tuple(self.weight_shape):
             raise ValueError(f"expected a weight of shape {tuple(self.weight_shape)}, got {tuple(weight.shape)}")

@@ -110,3 +110,17 @@ def test_scale_equals_the_expanded_product_with_the_same_gradients(shape, block,
     gw_ref, gg_ref = torch.autograd.grad((ref * probe).sum(), (w, grid))
     gw, gg = torch.autograd.grad((got * probe).sum(), (w, grid))
     assert torch.equal(gw, gw_ref) and torch.allclose(gg, gg_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,block,transposed", [
+    ((64, 48), (16, 8), False), ((48, 64), (8, 16), True), ((32, 16, 3, 3), (8, 4), False), ((30, 50), (8, 16), False)])
+def test_zero_blocks_in_place_equals_the_expanded_fill(shape, block, transposed):
+    from planc.blocks import BlockView
+
+    view = BlockView(shape, block, transposed)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=g)
+    grid = torch.rand(view.grid, generator=g) < 0.5
+    expected = w.masked_fill(view.expand(grid), 0)
+    view.zero_blocks_(w, grid)
+    assert torch.equal(w, expected) and bool(grid.any())

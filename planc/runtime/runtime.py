@@ -394,18 +394,28 @@ class Runtime:
             return
         mask = self.masks[name]
         weight = self.weight(name)
-        hit = mask.view.expand(blocks.to(torch.bool))
-        sharding.fill_(weight, hit)                    # a sharded weight: this rank's rows only
-        if self.optimizer is not None:
-            for value in self.optimizer.state.get(weight, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                    sharding.fill_(value, hit)
+        targets = [weight] + [value for value in (self.optimizer.state.get(weight, {}).values()
+                                                  if self.optimizer is not None else ())
+                              if isinstance(value, torch.Tensor) and value.shape == weight.shape]
+        self._zero(mask, targets, blocks.to(torch.bool))
 
     @torch.no_grad()
     def _enforce_zeros(self) -> None:
         for name, mask in self.masks.items():
             if not bool(mask.alive.all()):
-                sharding.fill_(self.weight(name), mask.view.expand(~mask.alive))
+                self._zero(mask, [self.weight(name)], ~mask.alive)
+
+    @staticmethod
+    def _zero(mask: BlockMask, tensors, blocks: torch.Tensor) -> None:
+        """Zero `blocks` (a bool grid) of each tensor of the weight's shape: in place over
+        a blocked view (no full-size mask), or on this rank's rows of a sharded tensor."""
+        hit = None
+        for t in tensors:
+            if sharding.is_sharded(t):
+                hit = mask.view.expand(blocks) if hit is None else hit
+                sharding.fill_(t, hit)                 # a sharded tensor: this rank's rows only
+            else:
+                mask.view.zero_blocks_(t, blocks)
 
     def _reset_optimizer(self) -> None:
         if self.optimizer is not None:
