@@ -16,6 +16,7 @@ import time
 import torch
 
 import planc
+from planc.artifact import held_bytes
 from planc.examples.minilm import model
 
 PLAN = """
@@ -32,16 +33,6 @@ method: {{name: magnitude, variant: pretrained}}
 schedule: {{phases: [{{phase: finetune, steps: 1}}]}}
 train: {{steps: 1}}
 """
-
-
-def held_bytes(module: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 def main(sparsities) -> None:

@@ -36,7 +36,7 @@ def main() -> None:
     from planc.passes import insert_masks, select
     from torch import fx
 
-    from planc.passes.trace import _check, _copy_non_persistent, _dynamic_shapes, _follow_mode
+    from planc.passes.trace import _check, _copy_non_persistent, dynamic_shapes_for, _follow_mode
     from planc.plan.types import Match, Method, Plan, Rule, TargetSettings, Targets
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def main() -> None:
     def export_only():
         model.train()
         try:
-            return torch.export.export(model, (ids,), dynamic_shapes=_dynamic_shapes(model, (ids,), {}), strict=False)
+            return torch.export.export(model, (ids,), dynamic_shapes=dynamic_shapes_for(model, (ids,), {}), strict=False)
         finally:
             model.eval()
 

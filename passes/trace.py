@@ -202,7 +202,7 @@ def _export(model, args, kwargs, dynamic, dynamic_shapes) -> fx.GraphModule:
     # a contiguous copy.
     args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
     if dynamic_shapes is None and dynamic:
-        dynamic_shapes = _dynamic_shapes(model, args, kwargs)
+        dynamic_shapes = dynamic_shapes_for(model, args, kwargs)
     was_training = model.training
     model.train()            # every mode-dependent op appears in a train-mode export
     try:
@@ -277,7 +277,9 @@ def _torch_output_held():
                 handler.handle(record)
 
 
-def _dynamic_shapes(model, args, kwargs):
+def dynamic_shapes_for(model, args, kwargs=None):
+    """torch.export's dynamic_shapes for these inputs: every tensor's batch dimension free,
+    and the sequence dimension of (batch, seq) integer (token id) inputs."""
     auto = torch.export.Dim.AUTO
 
     def spec(x):

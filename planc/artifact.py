@@ -41,6 +41,7 @@ from torch.utils import _pytree as pytree
 from planc.blocks import BlockView
 from planc.errors import PlancError
 from planc.kernels.format import BlockSparseMatrix
+from planc.passes.trace import dynamic_shapes_for
 from planc.kernels import library as _library  # noqa: F401  (registers torch.ops.planc.bsr_linear)
 
 FORMAT = "planc.program/1"
@@ -74,28 +75,13 @@ class ArtifactError(PlancError):
 
 
 # ---- making a program -----------------------------------------------------------------
-def dynamic_shapes(args: Sequence[Any]):
-    """Batch dimensions free, and the sequence dimension of (batch, seq) integer inputs."""
-    auto = torch.export.Dim.AUTO
-
-    def spec(x):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            return None
-        dims = {0: auto}
-        if x.dim() == 2 and not x.is_floating_point() and not x.is_complex():
-            dims[1] = auto
-        return dims
-
-    return tuple(spec(a) if isinstance(a, torch.Tensor) else pytree.tree_map(spec, a) for a in args)
-
-
 def program(module: torch.nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """`module` in eval mode, exported and unlifted: a graph of registered operators."""
     args = tuple(pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), tuple(example_inputs)))
     was_training = module.training
     module.eval()
     try:
-        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(args), strict=False)
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes_for(module, args), strict=False)
     except Exception as err:
         raise ArtifactError(f"could not export the model as a program: {type(err).__name__}: "
                             f"{' '.join(str(err).split())[:300]}") from None
@@ -406,6 +392,18 @@ def _from_bsc(stored, parts: dict, record: dict, name: str) -> torch.Tensor:
         return view.from_blocks(blocks)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ArtifactError(f"tensor {name!r}: invalid kept blocks ({' '.join(str(err).split())[:120]})") from None
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers (what a
+    loaded or lowered model really holds; shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def run_anywhere(gm: fx.GraphModule) -> fx.GraphModule:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import planc
+from planc.artifact import held_bytes
 from planc.errors import RunFolderError
 
 USER_MODULE = textwrap.dedent("""
@@ -75,17 +76,6 @@ def plan_text(sparsity: float) -> str:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def nbytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct storages behind a module's parameters and buffers."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +171,7 @@ def test_files_and_loaded_model_shrink_with_the_sparsity(saved, sparsity):
     assert size <= 1.1 * expected + 16384, (size, expected, dense)
     assert size < (1.1 * (1 - sparsity) + 0.1) * dense
     for module in (planc.load(case["folder"]), case["lowered"]):
-        held = nbytes(module)
+        held = held_bytes(module)
         assert held <= 1.1 * expected + 4096, (held, expected, dense)
 
 
@@ -308,7 +298,7 @@ def test_column_ordered_values_compute_the_same_with_the_same_gradients():
 
 
 def test_a_transposed_conv1d_layer_saves_and_loads(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     class Block(torch.nn.Module):

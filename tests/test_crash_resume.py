@@ -139,19 +139,25 @@ def reference(tmp_path_factory):
         torch.set_num_threads(before)
 
 
+def wait_until_checkpointed(proc: subprocess.Popen, out: str, kill_after: int) -> None:
+    """Return once a checkpoint exists and the events log has passed step `kill_after`,
+    with the run still going (the moment to kill it)."""
+    ckpt = os.path.join(out, "checkpoint.safetensors")
+    while proc.poll() is None:
+        if os.path.exists(ckpt) and steps_logged(out) >= kill_after:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before the kill: {proc.communicate()[1][-2000:]}"
+
+
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, env, reference):
     plan = tmp_path / "plan.yaml"
     plan.write_text(plan_text(delay=0.01))
     out = str(tmp_path / "run")
     kill_after = random.Random(os.getpid()).randrange(8, STEPS - 30)
     proc = apply(str(plan), out, env, wait=False)
-    ckpt = os.path.join(out, "checkpoint.safetensors")
     try:
-        while proc.poll() is None:
-            if os.path.exists(ckpt) and steps_logged(out) >= kill_after:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, f"the run ended before the kill: {proc.communicate()[1][-2000:]}"
+        wait_until_checkpointed(proc, out, kill_after)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -160,7 +166,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, env
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(out, "report.json"))      # really interrupted
-    assert os.path.exists(ckpt)
+    assert os.path.exists(os.path.join(out, "checkpoint.safetensors"))
 
     resumed = apply(str(plan), out, env, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -103,13 +103,18 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def spawn_ranks(worker, tmp, world: int = 2) -> list:
+    """Run worker(rank, world, init file, folder) on `world` processes; each saves its
+    results as <folder>/rank<r>.safetensors, returned in rank order."""
     import torch.multiprocessing as mp
 
-    tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    return [load_state(str(tmp / f"rank{r}.safetensors")) for r in range(2)]
+    mp.spawn(worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=True)
+    return [load_state(str(tmp / f"rank{r}.safetensors")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def assert_same_edges(a: dict, b: dict) -> None:

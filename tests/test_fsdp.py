@@ -31,7 +31,7 @@ from planc.checkpoint import load_state, save_state
 from planc.errors import RuntimeStateError
 from planc.examples.digits import mlp
 from planc.integrations import prune_loop
-from test_ddp import GLOBAL_BATCH, STEPS, assert_same_edges, batches, plan_for
+from test_ddp import GLOBAL_BATCH, STEPS, assert_same_edges, batches, plan_for, spawn_ranks
 from test_ddp import train as train_one_process
 
 METHOD = "sequential_attention_pp"
@@ -180,11 +180,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    return [load_state(str(tmp / f"rank{r}.safetensors")) for r in range(2)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")

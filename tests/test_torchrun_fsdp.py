@@ -20,13 +20,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from test_crash_resume import HELPER, HELPER_SOURCE, STEPS, assert_bitwise_equal, plan_text, steps_logged
-from test_crash_resume import weights_and_masks
+from test_crash_resume import HELPER, HELPER_SOURCE, STEPS, assert_bitwise_equal, plan_text
+from test_crash_resume import wait_until_checkpointed, weights_and_masks
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -133,13 +132,8 @@ def _kill_all(proc: subprocess.Popen) -> None:
 def _kill_group_mid_run(proc: subprocess.Popen, out: str, kill_after: int) -> None:
     """SIGKILL torchrun and both ranks (a lost machine) once a checkpoint exists and the
     events log has passed step `kill_after`."""
-    ckpt = os.path.join(out, "checkpoint.safetensors")
     try:
-        while proc.poll() is None:
-            if os.path.exists(ckpt) and steps_logged(out) >= kill_after:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, f"the run ended before the kill: {proc.communicate()[1][-2000:]}"
+        wait_until_checkpointed(proc, out, kill_after)
         _kill_all(proc)
         proc.wait(timeout=60)
     finally:
