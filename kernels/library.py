@@ -89,12 +89,18 @@ def _backward(ctx, dy):
 bsr_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def call(x2: torch.Tensor, bsm: BlockSparseMatrix, bias: Optional[torch.Tensor], backend: str,
-         strategy: str) -> torch.Tensor:
-    """torch.ops.planc.bsr_linear on a BlockSparseMatrix (values in block-row order)."""
-    R, C = bsm.shape
-    return torch.ops.planc.bsr_linear(x2, bsm.values, bsm.crow, bsm.col, bsm.row, bsm.tcrow, bsm.trow, bsm.tperm,
-                                      bias, R, C, backend, strategy, "row")
+def apply(x: torch.Tensor, values: torch.Tensor, order: str, index, bias: Optional[torch.Tensor], shape,
+          backend: str, strategy: Optional[str]) -> torch.Tensor:
+    """y = x·Wᵀ + bias through the op, for x (..., C) → (..., R): W's stored blocks
+    `values` in `order`, its index tensors (INDEX_NAMES order) and shape (R, C)."""
+    R, C = (int(v) for v in shape)
+    if x.shape[-1] != C:
+        raise ValueError(f"expected x with last dimension {C}, got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (R,):
+        raise ValueError(f"expected bias of shape ({R},), got {tuple(bias.shape)}")
+    y = torch.ops.planc.bsr_linear(x.reshape(-1, C), values, *index, bias, R, C,
+                                   backends.resolve(backend, x.device).name, strategy or "auto", order)
+    return y.reshape(*x.shape[:-1], R)
 
 
 INDEX_NAMES: List[str] = ["crow", "col", "row", "tcrow", "trow", "tperm"]

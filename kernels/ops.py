@@ -15,13 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from planc.kernels import backends, library
+from planc.kernels import library
 from planc.kernels.format import BlockSparseMatrix
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The name of the backend `backend` ("auto" or a record's name) means on `device`."""
-    return backends.resolve(backend, device).name
-
 
 def block_sparse_linear(x: torch.Tensor, bsm: BlockSparseMatrix, bias: Optional[torch.Tensor] = None,
                         *, backend: str = "auto", strategy: str | None = None) -> torch.Tensor:
@@ -29,16 +24,8 @@ def block_sparse_linear(x: torch.Tensor, bsm: BlockSparseMatrix, bias: Optional[
 
     backend: "auto" (by x's device) or a backend of kernels/backends.py. strategy: the CPU formulation (kernels/cpu.py), chosen
     per shape by kernels/cost.py when None."""
-    R, C = bsm.shape
-    if x.shape[-1] != C:
-        raise ValueError(f"expected x with last dimension {C}, got shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (R,):
-        raise ValueError(f"expected bias of shape ({R},), got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, C)
-    backend = resolve_backend(backend, x.device)
-    y = library.call(x2, bsm, bias, backend, strategy or "auto")
-    return y.reshape(*lead, R)
+    index = tuple(getattr(bsm, name) for name in library.INDEX_NAMES)
+    return library.apply(x, bsm.values, "row", index, bias, bsm.shape, backend, strategy)
 
 
 class BlockSparseLinear(nn.Module):
@@ -77,14 +64,8 @@ class BlockSparseLinear(nn.Module):
         return BlockSparseMatrix.stored(self.values, self.order, index, self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        R, C = self.shape
-        if x.shape[-1] != C:
-            raise ValueError(f"expected x with last dimension {C}, got shape {tuple(x.shape)}")
-        lead = x.shape[:-1]
-        y = torch.ops.planc.bsr_linear(x.reshape(-1, C), self.values, self.crow, self.col, self.row, self.tcrow,
-                                       self.trow, self.tperm, self.bias, R, C, resolve_backend(self.backend, x.device),
-                                       self.strategy or "auto", self.order)
-        return y.reshape(*lead, R)
+        index = tuple(getattr(self, name) for name in library.INDEX_NAMES)
+        return library.apply(x, self.values, self.order, index, self.bias, self.shape, self.backend, self.strategy)
 
     def extra_repr(self) -> str:
         gr, gc = -(-self.shape[0] // self.block[0]), -(-self.shape[1] // self.block[1])

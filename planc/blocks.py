@@ -115,8 +115,11 @@ class BlockView:
         forward or backward: the mask's cost in training); otherwise through expand."""
         if tuple(grid.shape) != self.grid:
             raise ValueError(f"expected a grid of shape {self.grid}, got {tuple(grid.shape)}")
+        blocked = self.blocked(weight)
+        if blocked is not None:
+            return (blocked * grid[:, None, :, None]).view(self.weight_shape)
         (R, C), (r, c), (gr, gc) = self.matrix_shape, self.block, self.grid
-        if R % r or C % c:
+        if R % r or C % c or not weight.is_contiguous():
             return weight * self.expand(grid)
         if self.is_conv:
             out, cin, kh, kw = self.weight_shape
@@ -125,9 +128,8 @@ class BlockView:
             # matrix columns are (tap, channel) with the channel fastest: a block is c channels at one tap
             g = grid.view(gr, kh, kw, cin // c).permute(0, 3, 1, 2)[:, None, :, None]
             return (weight.view(gr, r, cin // c, c, kh, kw) * g).view(self.weight_shape)
-        if self.transposed:                                   # stored (in, out) = (C, R)
-            return (weight.view(gc, c, gr, r) * grid.t()[:, None, :, None]).view(self.weight_shape)
-        return (weight.view(gr, r, gc, c) * grid[:, None, :, None]).view(self.weight_shape)
+        # transposed: stored (in, out) = (C, R)
+        return (weight.view(gc, c, gr, r) * grid.t()[:, None, :, None]).view(self.weight_shape)
 
     def blocked(self, weight: torch.Tensor) -> torch.Tensor | None:
         """A (gr, r, gc, c) view of a Linear weight (matrix rows and columns blocked) when
