@@ -18,6 +18,7 @@ from torch import nn
 from planc.kernels import library
 from planc.kernels.format import BlockSparseMatrix
 
+
 def block_sparse_linear(x: torch.Tensor, bsm: BlockSparseMatrix, bias: Optional[torch.Tensor] = None,
                         *, backend: str = "auto", strategy: str | None = None) -> torch.Tensor:
     """y = x·Wᵀ + bias with W the block-sparse matrix `bsm`; x (..., C) → (..., R).

@@ -35,7 +35,6 @@ class WeightReader:
         return self.module_name or self.weight_target
 
 
-
 @dataclass(frozen=True)
 class TargetInfo:
     name: str                             # layer name (weight path without `.weight`)
@@ -64,7 +63,6 @@ class TargetInfo:
     def blocks_kept(self) -> int:
         """Blocks alive at the target sparsity (all of them for a dense layer)."""
         return self.num_blocks - (sparsify_grid_count(self.num_blocks, self.sparsity) if self.targeted else 0)
-
 
 
 @dataclass(frozen=True)
