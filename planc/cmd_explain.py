@@ -45,6 +45,22 @@ def phase_table(plan: Plan) -> List[str]:
                  rows, (True, False, True, True, True, False, True, False, False))
 
 
+def _distill_lines(tr) -> List[str]:
+    lines = [] if tr.dropout else ["dropout  off while training"]
+    d = tr.distill
+    if d is None:
+        return lines
+    teacher = "self (the dense model, frozen before masking)" if d.teacher is None else \
+        f"{d.teacher.path}({_kwargs(d.teacher.kwargs)})"
+    terms = [f"{d.task:g}·{tr.loss}(out, y)"] if d.task else []
+    if d.output:
+        kind = d.output_loss if d.output_loss != "auto" else ("kl" if tr.loss == "cross_entropy" else "mse")
+        terms.append(f"{d.output:g}·{kind}(out, teacher)" + (f" T={d.temperature:g}" if kind == "kl" else ""))
+    if d.hidden:
+        terms.append(f"{d.hidden:g}·relative mse of hidden states at {', '.join(d.modules)}")
+    return lines + [f"distill  teacher {teacher}", f"         loss = {' + '.join(terms) or '0'}"]
+
+
 def summary(plan: Plan) -> List[str]:
     m, t, d, tr = plan.model, plan.targets, plan.targets.defaults, plan.train
     keys = METHODS[plan.method.name].keys
@@ -71,6 +87,7 @@ def summary(plan: Plan) -> List[str]:
                  f" (warmup {tr.warmup_steps})  eval_every {tr.eval_every or 'end'}  seed {tr.seed}")
     if tr.data:
         lines.append(f"data     {tr.data.path}({_kwargs(tr.data.kwargs)})")
+    lines += _distill_lines(tr)
     lines.append(f"lower    backend {plan.lower.backend}" + (f"  dtype {plan.lower.dtype}" if plan.lower.dtype else ""))
     if plan.output:
         lines.append(f"output   {plan.output}")

@@ -20,13 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from planc import distributed, runfolder, sharding
+from planc import distill, distributed, runfolder, sharding
 from planc.checkpoint import remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
+from planc.losses import compute_loss
 from planc.lowering import lower_for_run
-from planc.plan.factory import call_factory, describe_value
+from planc.plan.factory import call_factory
 from planc.plan.types import Plan
 from planc.pruned import compile as planc_compile
 from planc.pruned import example_inputs_for
@@ -135,17 +135,6 @@ def _split_batch(batch):
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0], batch[1]
     raise RunFolderError(f"expected batches of (inputs, targets), got {type(batch).__name__}")
-
-
-def compute_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise PlancError(f"the model returned {describe_value(out)}; the built-in trainer needs a tensor of predictions "
-                         "(wrap the model so its forward returns the logits, or train it in your own loop)")
-    if kind == "cross_entropy":
-        return F.cross_entropy(out, y)
-    if kind == "mse":
-        return F.mse_loss(out, y.to(out.dtype).view_as(out))
-    raise PlanError([Problem(f"expected loss cross_entropy or mse, got {kind!r}", path="train.loss")])
 
 
 @torch.no_grad()
@@ -354,6 +343,8 @@ class _Run:
         model = call_factory(plan, "model.factory")
         train_loader, self.eval_loader = call_factory(plan, "train.data")
         self.pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
+        # the teacher is taken now, before any training (its masks are still the identity)
+        self.distiller = distill.from_plan(plan, self.pruned) if plan.train.distill is not None else None
         self.fsdp = ranks.world > 1 and plan.train.distributed == "fsdp"
         if self.fsdp:
             sharding.shard_module(self.pruned.module)     # before the optimizer: it must hold the sharded parameters
@@ -366,15 +357,17 @@ class _Run:
         self.history: List[dict] = []
         self.timings = {"train_s": 0.0, "eval_s": 0.0}
         self.module = self.pruned.module
-        # DDP all-reduces gradients; the pruning decisions are synchronised by planc.distributed
-        self.forward = DistributedDataParallel(self.module) if ranks.world > 1 and not self.fsdp else self.module
+        # DDP all-reduces gradients; the pruning decisions are synchronised by planc.distributed.
+        # Distillation trains through a view of the module that also records hidden states.
+        trained = self.distiller.student if self.distiller is not None else self.module
+        self.forward = DistributedDataParallel(trained) if ranks.world > 1 and not self.fsdp else trained
         self.last_loss, self.metric = float("nan"), None
 
     def loop(self, stop_after: Optional[int], progress: Optional[bool]) -> bool:
         """Train to the end of the schedule (True), or stop after `stop_after` steps (False)."""
         total = self.plan.train.steps
         bar = _progress(total, self.runtime.t, progress)
-        self.module.train()
+        self.train_mode()
         try:
             while self.runtime.t < total:
                 self.step()
@@ -400,7 +393,10 @@ class _Run:
         for g, base in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = base * factor
         x, y, share = self.ranks.share(*_split_batch(next(self.batches)))
-        loss = compute_loss(train.loss, self.forward(x), y)
+        if self.distiller is not None:
+            loss = self.distiller.loss(x, y, forward=self.forward)
+        else:
+            loss = compute_loss(train.loss, self.forward(x), y)
         global_loss = float(self.ranks.mean(loss.detach() * share))   # every rank sees the same value
         if not math.isfinite(global_loss):
             raise PlancError(f"the loss became {global_loss} at step {step}; lower the learning rate")
@@ -411,11 +407,22 @@ class _Run:
         self.last_loss = global_loss
         self.timings["train_s"] += time.perf_counter() - t0
 
+    def train_mode(self) -> None:
+        """Train mode, with dropout off where the plan says so."""
+        self.module.train()
+        if not self.plan.train.dropout:
+            distill.set_dropout(self.module, False)
+
     def evaluate(self) -> dict:
         t1 = time.perf_counter()
         m = evaluate(self.module, self.eval_loader, self.plan.train.loss)
+        if self.module.training:
+            self.train_mode()                             # evaluate() restored train mode, dropout included
         self.timings["eval_s"] += time.perf_counter() - t1
         entry = {"step": self.runtime.t, "train_loss": self.last_loss, **m}
+        if self.distiller is not None:                    # the last step's terms, unweighted
+            parts = self.distiller.parts
+            entry.update({f"distill_{k}": v for k, v in vars(parts).items() if v is not None})
         self.history.append(entry)
         self.runtime.record({"event": "eval", **entry})
         self.metric = m.get("accuracy", m["loss"])

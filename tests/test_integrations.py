@@ -118,3 +118,30 @@ def test_pruning_context_manager_reports_an_unfinished_schedule(compiled_bert):
             F.cross_entropy(p.module(torch.randint(0, 100, (4, 8))), torch.zeros(4, dtype=torch.long)).backward()
             opt.step()
             p.step()
+
+
+def test_trainer_distils_through_the_distillers_module(compiled_bert, tmp_path):
+    """A Trainer given Distiller.as_module() trains the student by the distillation loss
+    (hidden states of both BERT layers included) while PlancCallback runs the schedule."""
+    from transformers import Trainer, TrainingArguments
+
+    from planc import distill
+    from planc.integrations.hf import PlancCallback
+    from planc.plan.types import Distill
+
+    pruned = compiled_bert()
+    d = distill.Distiller(pruned.module, distill.self_teacher(pruned.module),
+                          Distill(output=1.0, output_loss="kl", hidden=1.0, modules=("bert.encoder.layer.*",)),
+                          "cross_entropy")
+    assert d.taps == ("bert.encoder.layer.0", "bert.encoder.layer.1")
+    before = {k: v.clone() for k, v in pruned.module.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=6, per_device_train_batch_size=4,
+                             learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_steps=100, remove_unused_columns=False, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=d.as_module(), args=args, train_dataset=Tokens(), callbacks=[PlancCallback(pruned)])
+    trainer.train()
+    assert pruned.runtime.t == 6 and d.parts.hidden > 0          # pruning moved the student off its teacher
+    after = pruned.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    teacher_weights = [p for p in d.teacher.parameters()]
+    assert teacher_weights and not any(p.requires_grad for p in teacher_weights)

@@ -7,12 +7,12 @@ and rejects it if the phases are not the preset's expansion.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import yaml
 
 from planc.plan.registry import METHODS
-from planc.plan.types import Phase, Plan, Rule
+from planc.plan.types import Distill, Phase, Plan, Rule
 
 
 def _phase(p: Phase) -> Dict[str, Any]:
@@ -54,6 +54,16 @@ def _section(obj, **given) -> Dict[str, Any]:
     return out
 
 
+def _distill(d: Optional[Distill]) -> Optional[Dict[str, Any]]:
+    if d is None:
+        return None
+    teacher = "self" if d.teacher is None else {"factory": d.teacher.path, "kwargs": d.teacher.kwargs_dict()}
+    out = _section(d, teacher=teacher, modules=list(d.modules) or None)
+    if d.output_loss != "kl":
+        out.pop("temperature")        # the loader refuses a temperature without kl
+    return out
+
+
 def plan_to_data(plan: Plan) -> Dict[str, Any]:
     m = plan.model
     model = {"factory": m.factory.path, "kwargs": m.factory.kwargs_dict()} if m.factory is not None else {}
@@ -75,7 +85,7 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
     # an optimizer key of the other kind would be refused by the loader (momentum is sgd's, betas adam's)
     optimizer = _section(o, **({"betas": None} if o.name == "sgd" else {"momentum": None}))
     data = {"factory": t.data.path, "kwargs": t.data.kwargs_dict()} if t.data is not None else None
-    train = _section(t, data=data, optimizer=optimizer)
+    train = _section(t, data=data, optimizer=optimizer, distill=_distill(t.distill))
 
     lo = plan.lower
     out: Dict[str, Any] = {

@@ -38,7 +38,7 @@ from planc.plan.schema import describe, non_finite, schema_problems, suggest
 from planc.plan.trust import refused_path
 from planc.safeio import KIB, read_limited
 from planc.plan.types import (
-    Factory, Lower, Match, Method, ModelSpec, Optimizer, Phase, Plan, Rule, Schedule,
+    Distill, Factory, Lower, Match, Method, ModelSpec, Optimizer, Phase, Plan, Rule, Schedule,
     TargetSettings, Targets, Train, _freeze,
 )
 
@@ -306,6 +306,28 @@ def _check_model_and_train(data: dict, found: _Found) -> None:
     _, steps = _steps(data)
     if warm is not None and steps is not None and warm > steps:
         found.add(("train", "warmup_steps"), f"warmup_steps = {warm} is longer than train.steps = {steps}")
+    _check_distill(data, found)
+
+
+def _check_distill(data: dict, found: _Found) -> None:
+    distill = _get(data, "train", "distill", kind=dict)
+    if distill is None:
+        return
+    where = ("train", "distill")
+    path = _get(data, "train", "distill", "teacher", "factory", kind=str)
+    why = refused_path(path) if path else None
+    if why:
+        found.add(where + ("teacher", "factory"), f"refused {path!r}: {why}")
+    hidden, modules = distill.get("hidden", Distill().hidden), distill.get("modules")
+    if isinstance(hidden, (int, float)) and hidden > 0 and not modules:
+        found.add(where + ("hidden",), "a hidden-state loss needs modules: the module name patterns whose "
+                  "outputs are compared (e.g. ['bert.encoder.layer.*'])")
+    if modules and hidden == 0:
+        found.add(where + ("modules",), "modules have no effect without a hidden weight > 0", key=True)
+    if "temperature" in distill and distill.get("output_loss") != "kl":
+        found.add(where + ("temperature",), "temperature applies to output_loss kl only", key=True)
+    if _get(data, "train", "distributed") == "fsdp":
+        found.add(where, "distillation under train.distributed fsdp is not supported (use ddp)", key=True)
 
 
 def _method_c(data: dict) -> float:
@@ -438,7 +460,15 @@ def _resolve_method_and_schedule(data: dict) -> Tuple[Method, Schedule, int]:
 def _resolve_train(data: dict, steps: int) -> Train:
     raw = data.get("train", {})
     optimizer = _section(Optimizer, raw.get("optimizer", {}))
-    return _section(Train, raw, data=_factory(raw.get("data")), steps=steps, optimizer=optimizer)
+    return _section(Train, raw, data=_factory(raw.get("data")), steps=steps, optimizer=optimizer,
+                    distill=_resolve_distill(raw.get("distill")))
+
+
+def _resolve_distill(raw: Optional[dict]) -> Optional[Distill]:
+    if raw is None:
+        return None
+    teacher = raw.get("teacher", "self")
+    return _section(Distill, raw, teacher=None if teacher == "self" else _factory(teacher))
 
 
 def _resolve_lower(data: dict) -> Lower:

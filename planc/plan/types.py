@@ -130,6 +130,20 @@ class Optimizer:
 
 
 @dataclass(frozen=True)
+class Distill:
+    """train.distill: the loss is task·train.loss(out, y) + output·L_out(out, out_T)
+    + hidden·mean over taps of ‖h − h_T‖² / ‖h_T‖² (planc.distill; docs/runtime.md)."""
+
+    teacher: Optional[Factory] = None            # None: the dense model itself, frozen before masking
+    task: float = 0.0                            # weight of train.loss against the data's targets
+    output: float = 1.0                          # weight of the output loss
+    output_loss: str = "auto"                    # auto (kl for cross_entropy, else mse) | mse | cosine | kl
+    temperature: float = 1.0                     # kl only
+    hidden: float = 0.0                          # weight of the hidden-state loss
+    modules: Tuple[str, ...] = ()                # module name patterns whose outputs are the hidden states
+
+
+@dataclass(frozen=True)
 class Train:
     data: Optional[Factory] = None               # returns (train_loader, eval_loader)
     steps: int = 1000
@@ -141,6 +155,8 @@ class Train:
     loss: str = "cross_entropy"                  # cross_entropy | mse
     seed: int = 0
     distributed: str = "ddp"                     # under torchrun: ddp | fsdp (planc.sharding)
+    dropout: bool = True                         # False: dropout off while training
+    distill: Optional[Distill] = None            # None: train on train.loss alone
 
 
 @dataclass(frozen=True)
