@@ -1,4 +1,4 @@
-"""`planc apply PLAN [--out DIR] [--resume | --overwrite] [--steps N]`: the whole pipeline with the
+"""`planc apply PLAN [--out DIR] [--resume | --overwrite] [--steps N] [--threads N]`: the whole pipeline with the
 built-in trainer (planc.train), ending in a run folder (planc.runfolder).
 
 Data parallel: `torchrun --nproc_per_node N -m planc.cli apply PLAN` runs the same plan
@@ -31,8 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "another run or other files is refused)")
     parser.add_argument("--steps", metavar="N", type=int, default=None,
                         help="override train.steps; the phases are scaled proportionally")
+    parser.add_argument("--threads", metavar="N", type=_threads, default="auto",
+                        help="torch threads for training (default: auto, one thread for a model whose weights "
+                             "are all small, else torch's default); report.json records it")
     parser.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                         help="the progress bar (default: only when stderr is a terminal)")
+
+
+def _threads(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of threads >= 1 or auto, got {text!r}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         plan = scale_schedule(plan, args.steps)
     out = args.out or plan.output or os.path.join("runs", plan.name)
-    result = train(plan, out, resume=args.resume, overwrite=args.overwrite,
+    result = train(plan, out, resume=args.resume, overwrite=args.overwrite, threads=args.threads,
                    progress={"auto": None, "on": True, "off": False}[args.progress])
     if not result.main:                    # under torchrun, rank 0 reports for everyone
         return 0

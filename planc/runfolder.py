@@ -90,8 +90,22 @@ def make_report(plan, runtime, final: Dict[str, float], history: List[dict], tim
         "metrics": {"final": dict(final), "history": list(history)},
         "timings": dict(timings),
         "model": None if model is None else {"factory": model.path, "kwargs": model.kwargs_dict()},
-        "environment": {"torch": torch.__version__, "python": platform.python_version()},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpu": cpu_model(), "threads": torch.get_num_threads()},
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere):
+    speed and even float results depend on it, so every report says which it was."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pruned_views(pruned, keys) -> Dict[str, BlockView]:

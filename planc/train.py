@@ -252,8 +252,20 @@ def _unsharded_copy(plan: Plan, module, keep: bool):
     return plain
 
 
+SMALL_LAYER = 1 << 18          # weights of at most this many elements: one thread (see pick_threads)
+
+
+def pick_threads(module: torch.nn.Module) -> int:
+    """The intra-op thread count `planc apply` trains with by default: one thread when
+    every weight is small (at most 2^18 elements, a 512x512 matrix): each op then takes
+    microseconds, and splitting it costs more than it gives (the README's digits MLP
+    trains several times faster on one thread than on two); else torch's default."""
+    largest = max((p.numel() for p in module.parameters()), default=0)
+    return 1 if largest <= SMALL_LAYER else torch.get_num_threads()
+
+
 def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, overwrite: bool = False,
-          stop_after: Optional[int] = None, progress: Optional[bool] = None,
+          stop_after: Optional[int] = None, progress: Optional[bool] = None, threads=None,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainResult:
     """Run the plan end to end. `out`: the run folder (None: no files written). `resume`:
     continue the unfinished run of this plan in `out` (a finished one is returned as it
@@ -267,11 +279,16 @@ def train(plan: Plan, out: Optional[str] = None, *, resume: bool = False, overwr
     single-process run up to float summation order; rank 0 alone writes and logs. With
     `train.distributed: fsdp` the compiled module is sharded with FSDP2 instead
     (planc.sharding): checkpoints and the run folder are written by rank 0 from full
-    tensors gathered from the shards."""
+    tensors gathered from the shards.
+
+    `threads`: torch's intra-op threads for the run: a number, "auto" (pick_threads,
+    once the model is built) or None (leave torch's setting). report.json records it."""
+    if threads is not None and threads != "auto":
+        torch.set_num_threads(int(threads))
     ranks = distributed.join_from_environment()
     try:
         return _train(plan, out, ranks, resume=resume, overwrite=overwrite, stop_after=stop_after,
-                      progress=progress, log=log if ranks.main else (lambda s: None))
+                      progress=progress, threads=threads, log=log if ranks.main else (lambda s: None))
     finally:
         ranks.finish()
 
@@ -312,7 +329,7 @@ def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Ba
 
 
 def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bool, stop_after: Optional[int],
-           progress: Optional[bool], log: Callable[[str], None]) -> TrainResult:
+           progress: Optional[bool], threads, log: Callable[[str], None]) -> TrainResult:
     t_start = time.perf_counter()
     if plan.model.factory is None:
         raise PlanError([plan.problem("model.factory", "the built-in trainer needs model.factory")])
@@ -324,6 +341,8 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
         return TrainResult(out, None, None, session.output.report, finished=True, main=ranks.main,
                            already_finished=True)
     run = _Run(plan, session, ranks)
+    if threads == "auto":
+        torch.set_num_threads(pick_threads(run.module))
     if session.output is not None and session.output.action == "resume":
         run.history, run.timings = _restore(session.output.state, session.output.state_file, run.pruned,
                                             run.runtime, run.opt, run.batches)

@@ -148,3 +148,24 @@ def test_lr_schedules_and_step_override():
     assert [p.kind for p in scaled.schedule.phases] == [p.kind for p in plan.schedule.phases]
     with pytest.raises(PlanError):
         scale_schedule(plan, 0)
+
+
+def test_apply_takes_threads_and_the_report_records_them_with_the_cpu(tmp_path):
+    from planc.train import pick_threads
+
+    plan_path = tmp_path / "plan.yaml"
+    from planc.plan import dump_plan
+    plan_path.write_text(dump_plan(tiny_plan(method="magnitude")))
+    before = torch.get_num_threads()
+    try:
+        assert main(["apply", str(plan_path), "--out", str(tmp_path / "one"), "--steps", "20", "--threads", "1"]) == 0
+        env = json.load(open(tmp_path / "one" / "report.json"))["environment"]
+        assert env["threads"] == 1 and env["cpu"]
+        # auto: the tiny MLP's weights are small, so one thread whatever torch's default
+        torch.set_num_threads(2)
+        assert pick_threads(torch.nn.Linear(64, 32)) == 1 and pick_threads(torch.nn.Linear(1024, 1024)) == 2
+        assert main(["apply", str(plan_path), "--out", str(tmp_path / "auto"), "--steps", "20"]) == 0
+        assert json.load(open(tmp_path / "auto" / "report.json"))["environment"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["apply", str(plan_path), "--threads", "0"]) == 2

@@ -322,8 +322,6 @@ def _check_distill(data: dict, found: _Found) -> None:
     if isinstance(hidden, (int, float)) and hidden > 0 and not modules:
         found.add(where + ("hidden",), "a hidden-state loss needs modules: the module name patterns whose "
                   "outputs are compared (e.g. ['bert.encoder.layer.*'])")
-    if modules and hidden == 0:
-        found.add(where + ("modules",), "modules have no effect without a hidden weight > 0", key=True)
     if "temperature" in distill and distill.get("output_loss") != "kl":
         found.add(where + ("temperature",), "temperature applies to output_loss kl only", key=True)
     if _get(data, "train", "distributed") == "fsdp":
