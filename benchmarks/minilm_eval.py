@@ -25,9 +25,11 @@ def main(argv):
         plan = planc.load_plan(os.path.join(run, "plan.yaml"))
         report = json.load(open(os.path.join(run, "report.json")))
         model = planc.load(run)
+        lowering = report.get("lowering") or {}
         row = {"run": run, "method": plan.method.name, "sparsity": report["mean_sparsity"],
                "steps": plan.train.steps, "train_s": round(report["timings"]["train_s"], 1),
-               "lowered": report.get("lowering", {}).get("kept"), **evaluate(model, plan)}
+               "lowered_layers": lowering.get("lowered_layers"),
+               "lowered": lowering.get("kept_dense") or lowering.get("speedup"), **evaluate(model, plan)}
         print(json.dumps(row), flush=True)
     return 0
 
