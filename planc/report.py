@@ -9,6 +9,8 @@ Plots (matplotlib, Agg backend; small PNGs next to report.md):
     curves.png      training / validation loss and the metric versus step
     density.png     per-layer achieved density (1 - block sparsity) against the target
     blocks.png      block maps (alive blocks) of up to four layers
+    steptime.png    the mean training step time of each phase (report.json's
+                    timings.phase_step_ms), coloured by phase kind
     attention.png   SequentialAttention++ only: the attention A = n*softmax(L) over the
                     alive blocks at each sparsify edge (when events.jsonl records it:
                     the runtime's `attention` field of sparsify phase events), its
@@ -29,7 +31,7 @@ from planc.checkpoint import load_tensors
 import torch
 
 REPORT_MD = "report.md"
-PLOTS = ("sparsity", "curves", "density", "blocks", "attention")      # each written as <name>.png
+PLOTS = ("sparsity", "curves", "steptime", "density", "blocks", "attention")      # each written as <name>.png
 PHASE_COLORS = {"dense": "#d9d9d9", "sparsify": "#fdb863", "sparse": "#92c5de", "finetune": "#a6dba0"}
 DPI = 80
 MAX_LINES = 8          # layers drawn individually in the sparsity plot; more: mean and a few
@@ -184,6 +186,30 @@ def plot_curves(path: Path, report: dict) -> bool:
     return bool(steps)
 
 
+def phase_step_times(report: dict) -> List[Tuple[int, str, float]]:
+    """(phase index, kind, mean step ms) of every phase that ran a timed step."""
+    times = (report.get("timings") or {}).get("phase_step_ms") or []
+    phases = report.get("phases") or []
+    return [(i, p.get("kind", "?"), ms) for i, (p, ms) in enumerate(zip(phases, times)) if ms is not None]
+
+
+def plot_steptime(path: Path, report: dict) -> bool:
+    rows = phase_step_times(report)
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    ax.bar([str(i) for i, _, _ in rows], [ms for _, _, ms in rows],
+           color=[PHASE_COLORS.get(kind, "#cccccc") for _, kind, _ in rows], edgecolor="black", lw=0.5)
+    ax.set_xlabel("phase")
+    ax.set_ylabel("mean step (ms)")
+    ax.set_title(f"{report.get('plan', '')}: training step time by phase")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 def plot_density(path: Path, report: dict) -> bool:
     layers = report.get("layers") or []
     if not layers:
@@ -316,6 +342,10 @@ def _markdown(report: dict, images: Dict[str, str], edges: Sequence[dict]) -> st
               f"- time: train {_fmt(t.get('train_s'), '.1f')} s, eval {_fmt(t.get('eval_s'), '.1f')} s, "
               f"total {_fmt(t.get('total_s'), '.1f')} s ({_fmt(t.get('steps_per_s'), '.1f')} steps/s)",
               ""]
+    timed = phase_step_times(report)
+    if timed:
+        lines += ["## Step time by phase", "", "| phase | kind | mean step ms |", "|---|---|---|"]
+        lines += [f"| {i} | {kind} | {ms:.2f} |" for i, kind, ms in timed] + [""]
     layers = report.get("layers") or []
     if layers:
         att = any("attention_std" in l for l in layers)
@@ -339,6 +369,7 @@ def _markdown(report: dict, images: Dict[str, str], edges: Sequence[dict]) -> st
         "sparsity": "Block sparsity by step; bands are the phases (grey dense, orange sparsify, blue sparse, "
                     "green finetune).",
         "curves": "Training and validation loss, and the validation metric, at each evaluation.",
+        "steptime": "Mean training step time of each phase (bars coloured by phase kind as above).",
         "density": "Achieved block density per layer (bar) against the target (red tick).",
         "blocks": "Which blocks survived (black) in a few layers.",
         "attention": "SequentialAttention++'s attention A = n·softmax(L): its spread at each sparsify edge "
@@ -375,6 +406,7 @@ def write_report(run_dir, *, plots: bool = True) -> Path:
         jobs = [
             ("sparsity", lambda p: plot_sparsity(p, report, events)),
             ("curves", lambda p: plot_curves(p, report)),
+            ("steptime", lambda p: plot_steptime(p, report)),
             ("density", lambda p: plot_density(p, report)),
             ("blocks", lambda p: plot_blocks(p, alive, _pick_layers(layer_names, 4))),
         ]

@@ -374,7 +374,8 @@ class _Run:
         self.runtime.attach(self.opt)
         self.batches = Batches(train_loader)
         self.history: List[dict] = []
-        self.timings = {"train_s": 0.0, "eval_s": 0.0}
+        # per phase of the schedule: [steps timed, seconds] (report.json: timings.phase_step_ms)
+        self.timings = {"train_s": 0.0, "eval_s": 0.0, "phase_steps": [[0, 0.0] for _ in plan.schedule.phases]}
         self.module = self.pruned.module
         # DDP all-reduces gradients; the pruning decisions are synchronised by planc.distributed.
         # Distillation trains through a view of the module that also records hidden states.
@@ -424,7 +425,12 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         self.runtime.step()
         self.last_loss = global_loss
-        self.timings["train_s"] += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.timings["train_s"] += spent
+        for slot, phase in zip(self.timings.get("phase_steps", ()), self.plan.schedule.phases):
+            if phase.start <= step < phase.end:
+                slot[0] += 1
+                slot[1] += spent
 
     def train_mode(self) -> None:
         """Train mode, with dropout off where the plan says so."""
@@ -476,6 +482,7 @@ class _Run:
         timings["bake_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t_start
         timings["steps_per_s"] = plan.train.steps / timings["train_s"] if timings["train_s"] else None
+        timings["phase_step_ms"] = [round(1e3 * s / n, 3) if n else None for n, s in timings.pop("phase_steps", [])]
         report = runfolder.make_report(plan, self.runtime, final, self.history, timings)   # collective when sharded
         if self.ranks.world > 1:
             report["ranks"] = self.ranks.world

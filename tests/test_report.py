@@ -38,11 +38,22 @@ def test_report_md_and_plots_are_written(run_dir):
     path = write_report(run_dir)
     assert path == Path(run_dir) / "report.md" and path.is_file()
     text = path.read_text()
-    for png in ("sparsity", "curves", "density", "blocks", "attention"):
+    for png in ("sparsity", "curves", "steptime", "density", "blocks", "attention"):
         assert os.path.getsize(os.path.join(run_dir, f"{png}.png")) > 1000, png
         assert f"]({png}.png)" in text
     with open(os.path.join(run_dir, "sparsity.png"), "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_phase_reports_its_mean_step_time(run_dir):
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    times = report["timings"]["phase_step_ms"]
+    assert len(times) == len(report["phases"]) == 6 and all(ms > 0 for ms in times)
+    # the phase means, weighted by their steps, add up to the training time
+    total = sum(ms * p["steps"] for ms, p in zip(times, report["phases"])) / 1e3
+    assert total == pytest.approx(report["timings"]["train_s"], rel=0.01)
+    text = write_report(run_dir).read_text()
+    assert "## Step time by phase" in text and "| 5 | finetune |" in text
 
 
 def test_layer_table_matches_report_json(run_dir):
