@@ -410,7 +410,7 @@ def _resolve_targets(data: dict) -> Targets:
 # How a method key's YAML value becomes the Method field (keys not listed are taken as is).
 METHOD_KEY_TYPES: Dict[str, Callable[[Any], Any]] = {
     "c": float, "alpha": float, "logits_lr": float, "logits_weight_decay": float, "update_every": int,
-    "clip": lambda v: _pair(v, float),
+    "clip": lambda v: v if isinstance(v, str) else _pair(v, float),
 }
 
 
