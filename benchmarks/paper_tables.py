@@ -62,7 +62,7 @@ def _ms(values: List[float], spec: str) -> str:
         return "–"
     if len(values) == 1:
         return format(values[0], spec)
-    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec.lstrip('+'))}"
 
 
 def _values(group: Optional[dict], key: str) -> List[float]:
