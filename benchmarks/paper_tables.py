@@ -85,11 +85,11 @@ def main_table(groups, cells, key: str, spec: str, paper=None) -> List[str]:
 
 
 def per_seed(groups, cells, key: str, spec: str) -> List[str]:
-    lines = ["| method | block | sparsity | per seed (0, 1, 2, …) |", "|---|---|---|---|"]
+    lines = ["| block | sparsity | " + " | ".join(f"{SHORT[m]} (seeds 0, 1, 2)" for m in METHODS) + " |",
+             "|---|---" + "|---" * len(METHODS) + "|"]
     for b, s in cells:
-        for m in METHODS:
-            vals = _values(groups.get((m, b, s)), key)
-            lines.append(f"| {SHORT[m]} | {b} | {s:.0%} | {' '.join(format(v, spec) for v in vals)} |")
+        vals = [" ".join(format(v, spec) for v in _values(groups.get((m, b, s)), key)) for m in METHODS]
+        lines.append(f"| {b} | {s:.0%} | " + " | ".join(vals) + " |")
     return lines
 
 
