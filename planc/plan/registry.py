@@ -88,7 +88,7 @@ _SPECS = (
                  "paper-no-sparsify": lambda: acdc_cycles(F(1, 10), F(15, 100), 7, F(5, 100))},
         doc="softmax attention over block logits, gradual sparsify phases (Yasuda et al. 2024)"),
     MethodSpec(
-        name="acdc", title="ACDC", strategy="ACDC", keys=(), mask_mode="support",
+        name="acdc", title="ACDC", strategy="ACDC", keys=("masking",), shown=("masking",), mask_mode="support",
         presets={"paper": lambda: acdc_cycles(F(1, 10), F(15, 100), 7, F(5, 100)),     # ImageNet
                  "criteo": lambda: acdc_cycles(F(2, 10), F(2, 10), 10)},
         doc="alternating compressed/decompressed phases, top-k by block norm (Peste et al. 2021)"),

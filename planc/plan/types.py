@@ -93,6 +93,9 @@ class Method:
     # reparameterised methods
     alpha: float = 2.0
     granularity: str = "block"                   # block (paper's block variant) | element
+    # ACDC: keep the raw weights of pruned blocks behind a zero mask (the paper's Criteo runs,
+    # "masking instead of pruning"): revived blocks come back with their old values
+    masking: bool = False
     # a method whose variant names its preset
     variant: str = "oneshot"                     # oneshot | gradual | pretrained
 
