@@ -12,7 +12,9 @@ so `parameters()` includes attention logits. Each node applying the weight reads
 A `call_module` Linear/Conv2d (symbolic_trace) is first rewritten to its functional form
 (get_attr weight and bias, F.linear / F.conv2d), the module staying registered as the
 parameters' owner. The mask's mode is the method's (planc.plan.registry: `mask_mode`):
-attention masks take method.clip, powerprop masks method.alpha and method.granularity.
+attention masks take method.clip (resolved per layer by planc.mask.clip_range),
+powerprop masks method.alpha and method.granularity, and re-parameterise their weight
+once so that the effective weight equals the dense one (BlockMask.reparameterize_).
 Every rewritten node, and the mask call, records the mask's qualified name in
 `node.meta[planc.meta.MASK]`.
 """
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from planc import meta
-from planc.mask import BlockMask
+from planc.mask import BlockMask, clip_range
 from planc.plan.registry import METHODS
 from planc.plan.types import Method
 
@@ -44,7 +46,8 @@ def mask_for(info: TargetInfo, method) -> BlockMask:
     mode = METHODS[name].mask_mode
     if isinstance(method, str):
         return BlockMask(info.weight_shape, info.block, mode, transposed=info.transposed)
-    return BlockMask(info.weight_shape, info.block, mode, clip=method.clip if mode == "attention" else None,
+    clip = clip_range(method.clip, info.sparsity) if mode == "attention" else None
+    return BlockMask(info.weight_shape, info.block, mode, clip=clip,
                      alpha=method.alpha, granularity=method.granularity, transposed=info.transposed)
 
 
@@ -114,6 +117,8 @@ def _register(owner: fx.GraphModule, info: TargetInfo, method, weight: torch.Ten
     while hasattr(container, child):        # `a.b_c` and `a_b.c` must not collide
         child, k = f"{base}_{k}", k + 1
     mask = mask_for(info, method).to(weight.device)
+    if mask.mode == "powerprop":
+        mask.reparameterize_(weight)        # the effective weight starts as the dense one
     container.add_module(child, mask)
     return f"{MASKS}.{child}"
 

@@ -1,7 +1,8 @@
 """Show a resolved plan: its settings, the expanded phase table and, when the plan names
 a model factory, the layer table (and with --graph the rewritten graph).
 
-The phase table gives each phase's steps [start, end), its curve, and the sparsity the
+The phase table gives each phase's steps [start, end), its share of training (a
+preset's exact share), its curve, and the sparsity the
 schedule asks for at both edges, as a fraction of each layer's target and as the
 sparsity that gives with the plan's default target."""
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 from typing import List, Sequence
 
 from planc.plan.load import load_plan
-from planc.plan.presets import target_fraction
+from planc.plan.presets import parts, target_fraction
 from planc.plan.registry import METHODS
 from planc.plan.types import Plan
 
@@ -32,17 +33,29 @@ def _kwargs(pairs) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in pairs)
 
 
+def shares(plan: Plan) -> List[str]:
+    """Each phase's share of training: a preset's exact share (docs/plan-format.md's
+    arithmetic, e.g. 2.5%), else its steps over the total."""
+    sched = plan.schedule
+    if sched.preset is not None and sched.preset in METHODS[plan.method.name].presets:
+        exact = [part.weight for part in parts(plan.method.name, sched.preset)]
+        if len(exact) == len(sched.phases):
+            return [f"{float(w) * 100:.4g}%" for w in exact]
+    total = sched.total_steps
+    return [f"{100 * p.steps / total:.4g}%" if total else "-" for p in sched.phases]
+
+
 def phase_table(plan: Plan) -> List[str]:
     s = plan.targets.defaults.sparsity
     rows = []
-    for i, p in enumerate(plan.schedule.phases):
+    for i, (p, share) in enumerate(zip(plan.schedule.phases, shares(plan))):
         f0, f1 = target_fraction(p, at_end=False), target_fraction(p, at_end=True)
         curve = "-" if p.kind != "sparsify" else (f"{p.curve} c={p.c:g}" if p.c is not None else p.curve)
         every = p.every if p.kind == "sparsify" else "-"
-        rows.append((i, p.kind, p.start, p.end, p.steps, curve, every,
+        rows.append((i, p.kind, p.start, p.end, p.steps, share, curve, every,
                      f"{f0:.2f} -> {f1:.2f}", f"{f0 * s:.3f} -> {f1 * s:.3f}"))
-    return table(("#", "phase", "start", "end", "steps", "curve", "every", "of target", f"sparsity @{s:g}"),
-                 rows, (True, False, True, True, True, False, True, False, False))
+    return table(("#", "phase", "start", "end", "steps", "share", "curve", "every", "of target", f"sparsity @{s:g}"),
+                 rows, (True, False, True, True, True, True, False, True, False, False))
 
 
 def _distill_lines(tr) -> List[str]:

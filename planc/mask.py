@@ -8,11 +8,14 @@ Its forward takes the raw weight and returns the effective weight:
   The softmax runs over *all* blocks, alive or not, so pruning a block never rescales
   the others: a phase edge changes the function only by the blocks it prunes.
 - support (ACDC, magnitude): W ⊙ expand(alive).
-- powerprop: block variant V_b · ‖V_b‖_F (the group analogue of α = 2), element
-  variant V ⊙ |V|^(α−1); times the support.
+- powerprop: block variant V_b · ‖V_b‖_F^(α−1) (α = 2, the default, is the paper's
+  ‖V_b‖_F · V_b, the group analogue of Schwarz et al.'s α = 2), element variant
+  V ⊙ |V|^(α−1); times the support.
 
-The mask never edits the weight; the runtime owns the support and keeps pruned raw
-weights at exactly zero (planc.runtime).
+The mask's forward never edits the weight; the runtime owns the support and keeps
+pruned raw weights at exactly zero (planc.runtime). One exception, at insertion: a
+powerprop mask re-parameterises its layer's weight once (`reparameterize_`) so that
+the effective weight starts equal to the dense model's.
 """
 from __future__ import annotations
 
@@ -24,6 +27,28 @@ from torch import nn
 from planc.blocks import BlockView
 
 MODES = ("attention", "support", "powerprop")
+CLIP_DENSITY = "density"
+
+
+def clip_range(clip, sparsity: float) -> Optional[Tuple[float, float]]:
+    """The [low, high] a plan's `method.clip` gives a layer of target `sparsity`.
+
+    `"density"` is the paper's clip (Appendix C.1): it states the range as
+    [n·density, n/density] for weights whose uniform value is n; planc's A = n·softmax(L)
+    has uniform value 1 (mean(A) = 1), so the same range is [density, 1/density] here,
+    density = 1 − the layer's target sparsity. (Read literally on A, n·density > 1 would
+    put the low end above the mean and clip every block to one constant.) A pair is
+    used as given; None means no clipping."""
+    if clip is None:
+        return None
+    if clip == CLIP_DENSITY:
+        density = 1.0 - float(sparsity)
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"expected a target sparsity in [0, 1), got {sparsity!r}")
+        return (density, 1.0 / density)
+    if isinstance(clip, str):
+        raise ValueError(f"expected clip {CLIP_DENSITY!r}, [low, high] or None, got {clip!r}")
+    return (float(clip[0]), float(clip[1]))
 # The block norm's gradient is undefined at zero (a block pruned and revived at zero):
 # clamp its square so the gradient stays finite.
 _NORM_EPS = 1e-12
@@ -86,9 +111,28 @@ class BlockMask(nn.Module):
         # powerprop
         if self.granularity == "element":
             return self.view.scale(weight * weight.abs().pow(self.alpha - 1), support)
+        return self.view.scale(weight, self._block_norms(weight).pow(self.alpha - 1) * support)
+
+    def _block_norms(self, weight: torch.Tensor) -> torch.Tensor:
         sq = self.view.to_blocks(weight).pow(2).sum(dim=(-1, -2))
-        norms = sq.clamp_min(_NORM_EPS).sqrt()
-        return self.view.scale(weight, norms * support)
+        return sq.clamp_min(_NORM_EPS).sqrt()
+
+    @torch.no_grad()
+    def reparameterize_(self, weight: torch.Tensor) -> None:
+        """PowerProp only: replace the dense weight W by the V whose effective weight is
+        W, in place — V_b = W_b·‖W_b‖^((1−α)/α) (block), V = sign(W)·|W|^(1/α) (element) —
+        so the reparameterised model starts as the dense model (Schwarz et al.'s
+        initialisation; without it the effective block ‖W_b‖·W_b of α = 2 starts several
+        times smaller than W_b). insert_masks calls it once, when the mask is inserted."""
+        if self.mode != "powerprop":
+            raise ValueError(f"reparameterize_ applies to powerprop masks, this mask is in {self.mode!r} mode")
+        if self.granularity == "element":
+            weight.copy_(weight.sign() * weight.abs().pow(1.0 / self.alpha))
+            return
+        norms = self.view.to_blocks(weight).pow(2).sum(dim=(-1, -2)).sqrt()
+        factor = torch.where(norms > 0, norms.clamp_min(_NORM_EPS ** 0.5).pow((1.0 - self.alpha) / self.alpha),
+                             torch.ones_like(norms))
+        weight.copy_(self.view.scale(weight, factor.to(weight.dtype)))
 
     @torch.no_grad()
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:

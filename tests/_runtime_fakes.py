@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from planc.mask import BlockMask
+from planc.mask import BlockMask, clip_range
 from planc.plan.types import Method, Phase, Plan, Schedule, TargetSettings, Targets
 from planc.runtime.access import RuntimeAccess
 
@@ -45,10 +45,12 @@ class FakePruned(RuntimeAccess):
         self.plan = plan
         m = plan.method
         self.masks = {}
+        sp = sparsity or {}
         for name in layers:
             lin = model.get_submodule(name)
-            mask = BlockMask(tuple(lin.weight.shape), plan.targets.defaults.block,
-                             MODE.get(m.name, "support"), clip=m.clip, alpha=m.alpha,
+            mode = MODE.get(m.name, "support")
+            clip = clip_range(m.clip, sp.get(name, plan.targets.defaults.sparsity)) if mode == "attention" else None
+            mask = BlockMask(tuple(lin.weight.shape), plan.targets.defaults.block, mode, clip=clip, alpha=m.alpha,
                              granularity=m.granularity)
             parametrize.register_parametrization(lin, "weight", mask)
             self.masks[name] = mask

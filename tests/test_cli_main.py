@@ -86,6 +86,34 @@ def test_explain_prints_phase_table(capsys):
     assert code == 0 and "cubic" in out and "0.00 -> 1.00" in out
 
 
+def _shares(capsys, plan):
+    code, out, _ = run(capsys, "explain", "--no-layers", str(ROOT / "plans" / "paper" / plan))
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2].strip().isdigit()]
+    return [(r[1], r[5]) for r in rows]
+
+
+def test_explain_prints_the_papers_imagenet_schedules(capsys):
+    # §4.2: ACDC 10% dense, 7 equal sparse-dense phases, the last dense extended by 5%,
+    # 15% sparse; SA++ each phase sparsify-sparse-dense, the 7th (with its extension)
+    # one 15% sparsify phase
+    assert _shares(capsys, "imagenet-resnet50-acdc.yaml") == (
+        [("dense", "10%")] + [("sparse", "5%"), ("dense", "5%")] * 6
+        + [("sparse", "5%"), ("dense", "10%"), ("finetune", "15%")])
+    assert _shares(capsys, "imagenet-resnet50-sapp.yaml") == (
+        [("dense", "10%")] + [("sparsify", "2.5%"), ("sparse", "2.5%"), ("dense", "5%")] * 6
+        + [("sparsify", "15%"), ("finetune", "15%")])
+
+
+def test_explain_prints_the_papers_criteo_schedules(capsys):
+    # §4.2: 20% dense, 10 sparse-dense phases, 20% sparse
+    assert _shares(capsys, "criteo-acdc.yaml") == (
+        [("dense", "20%")] + [("sparse", "3%"), ("dense", "3%")] * 10 + [("finetune", "20%")])
+    assert _shares(capsys, "criteo-sapp.yaml") == (
+        [("dense", "20%")] + [("sparsify", "1.5%"), ("sparse", "1.5%"), ("dense", "3%")] * 9
+        + [("sparsify", "6%"), ("finetune", "20%")])
+
+
 def test_explain_bad_plan_exit_2(capsys):
     code, _, err = run(capsys, "explain", str(BAD / "c-zero.yaml"))
     assert code == 2 and ":4:6: method.c:" in err

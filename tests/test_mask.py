@@ -92,3 +92,39 @@ def test_bad_mode_is_named():
         BlockMask((4, 4), (2, 2), "banana")
     with pytest.raises(ValueError, match="only in attention mode"):
         BlockMask((4, 4), (2, 2), "support").attention()
+
+
+def test_powerprop_block_variant_honours_alpha():
+    mask = BlockMask((8, 8), (4, 4), "powerprop", alpha=3.0)
+    w = torch.randn(8, 8, dtype=torch.float64)
+    view = BlockView((8, 8), (4, 4))
+    assert torch.allclose(mask(w), w * view.expand(view.block_norms(w) ** 2))
+
+
+@pytest.mark.parametrize("alpha,granularity", [(2.0, "block"), (3.0, "block"), (1.5, "block"),
+                                               (2.0, "element"), (3.0, "element")])
+def test_powerprop_reparameterisation_starts_at_the_dense_weight(alpha, granularity):
+    # Without it the effective block ‖W_b‖·W_b of a default-initialised layer starts
+    # several times smaller than W_b (the 2–5x shrink of issue 18).
+    mask = BlockMask((12, 10), (4, 4), "powerprop", alpha=alpha, granularity=granularity)
+    dense = torch.nn.Linear(10, 12).weight.detach().double()
+    with torch.no_grad():
+        dense[:4, :4] = 0                         # a zero block stays zero
+    v = dense.clone()
+    mask.reparameterize_(v)
+    assert torch.allclose(mask(v), dense, atol=1e-12)
+
+
+def test_reparameterize_is_for_powerprop_only():
+    with pytest.raises(ValueError, match="powerprop masks"):
+        BlockMask((4, 4), (2, 2), "support").reparameterize_(torch.zeros(4, 4))
+
+
+def test_clip_range_density_reads_the_paper_on_a_mean_one_attention():
+    from planc.mask import clip_range
+    assert clip_range("density", 0.9) == pytest.approx((0.1, 10.0))
+    assert clip_range("density", 0.0) == (1.0, 1.0)
+    assert clip_range((0.5, 2), 0.9) == (0.5, 2.0)
+    assert clip_range(None, 0.9) is None
+    with pytest.raises(ValueError, match="expected clip"):
+        clip_range("dens", 0.9)

@@ -74,7 +74,8 @@ def test_powerprop_prunes_by_the_effective_weight(granularity):
     for name, mask in p.masks.items():
         raw, eff = snap[name][0], snap[name][1]
         if granularity == "block":
-            assert torch.allclose(eff, raw * mask.view.expand(mask.view.block_norms(raw)))
+            # the block variant honours alpha: V_b·‖V_b‖^(α−1) (it used to ignore it)
+            assert torch.allclose(eff, raw * mask.view.expand(mask.view.block_norms(raw) ** 2.0))
         else:
             assert torch.allclose(eff, raw * raw.abs().pow(2.0))
         k = sparsify_grid_count(mask.num_blocks, 0.5)

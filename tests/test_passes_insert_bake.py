@@ -13,6 +13,7 @@ from planc.passes import bake, insert_masks, masks_of, select, targets_of, trace
 from planc.passes.insert_masks import mask_for
 from planc.passes.lower import report
 from planc.passes.trace import relative_error
+from planc.plan.types import Match
 
 from _passes_helpers import Conv1DStyle, Functional, max_diff, plan, prune_half, run, skip_last
 
@@ -57,6 +58,23 @@ def test_method_options_reach_the_mask():
     assert (m.alpha, m.granularity) == (3.0, "element")
     with pytest.raises(ValueError, match="expected a method"):
         mask_for(targets_of(gm)[0], "nope")
+
+
+def test_clip_defaults_to_the_papers_density_range():
+    last = ({"match": Match(position="last"), "skip": True},)
+    gm, _ = _masked(mlp(hidden=16, depth=1), plan(sparsity=0.8, rules=last))
+    assert next(iter(masks_of(gm).values())).clip == pytest.approx((0.2, 5.0))     # [density, 1/density]
+    gm, _ = _masked(mlp(hidden=16, depth=1), skip_last(clip=None))
+    assert next(iter(masks_of(gm).values())).clip is None
+
+
+@pytest.mark.parametrize("alpha,granularity", [(2.0, "block"), (3.0, "block"), (2.0, "element")])
+def test_powerprop_compiled_model_starts_as_the_dense_model(alpha, granularity):
+    model = mlp(hidden=32, depth=2)
+    dense = copy.deepcopy(model)
+    gm, _ = _masked(model, skip_last(method="powerprop", alpha=alpha, granularity=granularity))
+    x = torch.randn(7, 64)
+    assert max_diff(gm(x), dense(x)) <= 1e-5
 
 
 def test_insert_without_select_changes_nothing():

@@ -44,28 +44,56 @@ def test_apportion_ties_go_to_the_earlier_phase():
     assert apportion([Fraction(1, 2), Fraction(1, 2)], 0) == [0, 0]
 
 
+def _shares(method, preset):
+    return [(p.kind, p.weight) for p in parts(method, preset)]
+
+
+def test_acdc_paper_fractions_follow_kuznedelev():
+    # §4.2: 10% dense, 7 equal sparse-dense phases, the last dense extended by 5%, 15% sparse
+    F = Fraction
+    assert _shares("acdc", "paper") == (
+        [("dense", F(1, 10))] + [("sparse", F(1, 20)), ("dense", F(1, 20))] * 6
+        + [("sparse", F(1, 20)), ("dense", F(1, 10)), ("finetune", F(15, 100))])
+
+
+def test_sapp_paper_fractions_replace_the_seventh_phase_by_one_sparsify():
+    # each 10% sparse-dense phase -> sparsify 2.5%, sparse 2.5%, dense 5% (planc's split);
+    # the 7th phase with its 5% extension (15%) -> one sparsify phase; then 15% sparse
+    F = Fraction
+    assert _shares("sequential_attention_pp", "paper") == (
+        [("dense", F(1, 10))] + [("sparsify", F(1, 40)), ("sparse", F(1, 40)), ("dense", F(1, 20))] * 6
+        + [("sparsify", F(15, 100)), ("finetune", F(15, 100))])
+    # the old 19-equal-phase split made the last sparsify 75%/19 = 3.95%: 3.8x shorter
+    assert parts("sequential_attention_pp", "paper")[-2].weight / (F(75, 100) / 19) == F(19, 5)
+
+
 def test_sapp_paper_3000_as_documented():
     ph = expand("sequential_attention_pp", "paper", 3000, c=4.0)
     assert len(ph) == 21
-    assert (ph[0].kind, ph[0].steps) == ("dense", 300) and (ph[-1].kind, ph[-1].steps) == ("finetune", 450)
-    middle = ph[1:-1]
-    assert [p.kind for p in middle] == ["sparsify", "sparse", "dense"] * 6 + ["sparsify"]
-    assert [p.steps for p in middle] == [119] * 8 + [118] * 11          # 2250 = 19·118 + 8
-    assert all(p.curve == "exponential" and p.c == 4.0 for p in middle if p.kind == "sparsify")
+    assert [(p.kind, p.steps) for p in ph] == (
+        [("dense", 300)] + [("sparsify", 75), ("sparse", 75), ("dense", 150)] * 6
+        + [("sparsify", 450), ("finetune", 450)])
+    assert all(p.curve == "exponential" and p.c == 4.0 for p in ph if p.kind == "sparsify")
 
 
-def test_sapp_criteo_and_simple():
-    ph = expand("sequential_attention_pp", "criteo", 1000)
-    assert len(ph) == 30 and ph[0].steps == 200 and ph[-1].steps == 200
-    assert sum(p.kind == "sparsify" for p in ph) == 10
+def test_sapp_without_sparsify_is_acdc_schedule():
+    # Appendix D.1: "alternating dense and sparse phases, each of equal duration"
+    assert _shares("sequential_attention_pp", "paper-no-sparsify") == _shares("acdc", "paper")
+
+
+def test_criteo_fractions():
+    # §4.2: 20% dense, 10 sparse-dense phases, 20% sparse (no extension stated)
+    F = Fraction
+    assert _shares("acdc", "criteo") == (
+        [("dense", F(1, 5))] + [("sparse", F(3, 100)), ("dense", F(3, 100))] * 10 + [("finetune", F(1, 5))])
+    assert _shares("sequential_attention_pp", "criteo") == (
+        [("dense", F(1, 5))] + [("sparsify", F(3, 200)), ("sparse", F(3, 200)), ("dense", F(3, 100))] * 9
+        + [("sparsify", F(6, 100)), ("finetune", F(1, 5))])
+
+
+def test_sapp_simple():
     assert [(p.kind, p.steps) for p in expand("sequential_attention_pp", "simple", 1000)] == [
         ("dense", 300), ("sparsify", 300), ("finetune", 400)]
-
-
-def test_acdc_paper_3000_is_in_150_step_units():
-    ph = expand("acdc", "paper", 3000)
-    assert [(p.kind, p.steps) for p in ph] == (
-        [("dense", 300)] + [("sparse", 150), ("dense", 150)] * 6 + [("sparse", 150), ("dense", 300), ("finetune", 450)])
 
 
 def test_magnitude_and_powerprop():

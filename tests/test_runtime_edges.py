@@ -171,3 +171,29 @@ def test_wrong_mask_mode_is_rejected():
     fake.plan = make_plan("powerprop", phases(("dense", 1)))
     with pytest.raises(RuntimeStateError, match="powerprop"):
         fake.pruning_runtime()
+
+
+def test_acdc_masking_keeps_pruned_weights_and_revives_them_with_their_values():
+    # the paper's Criteo ACDC: "masking instead of pruning"
+    sched = phases(("dense", 5), ("sparse", 5), ("dense", 5))
+    p = tiny("acdc", sched, sparsity=0.5, masking=True)
+    opt = torch.optim.SGD(p.param_groups(lr=0.05))             # no weight decay: masked weights stay put
+    p.attach(opt)
+    x, y = _data(1)
+    for _ in range(10):
+        F.cross_entropy(p.module(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if p.runtime.t == 5:                                    # inside the sparse phase
+            dead = {n: ~m.alive.clone() for n, m in p.masks.items()}
+            kept = {n: p.weight(n).detach().clone() for n in p.masks}
+            assert not _dead_raw_weights_are_zero(p)            # masked, not zeroed
+            for n, m in p.masks.items():                        # ... and invisible behind the mask
+                assert bool((m(p.weight(n)).detach()[m.view.expand(dead[n])] == 0).all())
+        p.step()
+    assert p.runtime.phase.kind == "dense"
+    for name, mask in p.masks.items():
+        assert bool(mask.alive.all())
+        hidden = mask.view.expand(dead[name])
+        assert torch.equal(p.weight(name).detach()[hidden], kept[name][hidden])      # back with their values
+        assert bool((kept[name][hidden] != 0).any())

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import yaml
 
 from planc.plan.registry import METHODS
-from planc.plan.types import Distill, Phase, Plan, Rule
+from planc.plan.types import Distill, Method, Phase, Plan, Rule
 
 
 def _phase(p: Phase) -> Dict[str, Any]:
@@ -73,7 +73,7 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
     method: Dict[str, Any] = {"name": plan.method.name}
     for key in METHODS[plan.method.name].keys:
         value = getattr(plan.method, key)
-        if value is not None:
+        if value is not None or getattr(Method(), key) is not None:     # clip: null is not its default
             method[key] = list(value) if isinstance(value, tuple) else value
 
     schedule: Dict[str, Any] = {}

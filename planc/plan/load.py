@@ -18,7 +18,7 @@ FAIL:
     method: {name: acdc, c: 4}
     targets: {defaults: {block: [16], sparsity: 1.5}}
     train: {steps: 2000, optimiser: {lr: 0.1}}
-    => <plan>:2:22: method.c: key 'c' does not apply to method acdc (it takes no keys besides name)
+    => <plan>:2:22: method.c: key 'c' does not apply to method acdc (its keys: masking)
     => <plan>:3:29: targets.defaults.block: expected two positive integers, got [16]
     => <plan>:3:45: targets.defaults.sparsity: expected a sparsity in [0, 1), got 1.5
     => <plan>:4:22: train.optimiser: unknown key 'optimiser', did you mean 'optimizer'?
@@ -430,7 +430,7 @@ def _resolve_targets(data: dict) -> Targets:
 # How a method key's YAML value becomes the Method field (keys not listed are taken as is).
 METHOD_KEY_TYPES: Dict[str, Callable[[Any], Any]] = {
     "c": float, "alpha": float, "logits_lr": float, "logits_weight_decay": float, "update_every": int,
-    "clip": lambda v: _pair(v, float),
+    "clip": lambda v: v if isinstance(v, str) else _pair(v, float),
 }
 
 

@@ -28,29 +28,33 @@ class Part:
     curve: Optional[str] = None       # sparsify only
 
 
-def cycles(warmup: F, final: F, n_cycles: int) -> List[Part]:
-    """Dense warm-up; `n_cycles` cycles of sparsify–sparse–dense, the last replaced by a
-    single sparsify; a final sparse fine-tune. The middle share is cut into
-    3·(n_cycles−1)+1 equal phases, so every sparsify phase prunes at the same pace."""
-    n = 3 * (n_cycles - 1) + 1
-    unit = (1 - warmup - final) / n
+def acdc_cycles(warmup: F, final: F, n_cycles: int, extension: F = F(0)) -> List[Part]:
+    """ACDC as Kuznedelev et al. schedule it (the paper's §4.2): a dense warm-up;
+    `n_cycles` equal compressed–decompressed (sparse–dense) phases, each half sparse and
+    half dense, the last dense half extended by `extension`; a final compressed
+    fine-tune. ImageNet: 10% + 7 × (5% + 5%) + 5% + 15% = 100%."""
+    cycle = (1 - warmup - final - extension) / n_cycles
+    parts = [Part("dense", warmup)]
+    for i in range(n_cycles):
+        last = i == n_cycles - 1
+        parts += [Part("sparse", cycle / 2), Part("dense", cycle / 2 + (extension if last else 0))]
+    return parts + [Part("finetune", final)]
+
+
+def sapp_cycles(warmup: F, final: F, n_cycles: int, extension: F = F(0)) -> List[Part]:
+    """SequentialAttention++ on ACDC's schedule (the paper's §4.2): each sparse–dense
+    phase becomes sparsify–sparse–dense, and the last of the `n_cycles` phases, its
+    extension included, is replaced by one sparsify phase. The paper does not say how a
+    cycle splits between its three phases; planc keeps ACDC's halves — the dense half
+    as it is, the sparse half cut into equal sparsify and sparse quarters — so SA++ and
+    ACDC spend the same time dense, and removing the sparsify phases (Appendix D.1)
+    gives back ACDC's schedule exactly. ImageNet: 10% + 6 × (2.5% + 2.5% + 5%) + 15%
+    sparsify + 15% = 100%."""
+    cycle = (1 - warmup - final - extension) / n_cycles
     parts = [Part("dense", warmup)]
     for _ in range(n_cycles - 1):
-        parts += [Part("sparsify", unit, "exponential"), Part("sparse", unit), Part("dense", unit)]
-    parts += [Part("sparsify", unit, "exponential"), Part("finetune", final)]
-    return parts
-
-
-def alternating(warmup: F, final: F, compressed: int) -> List[Part]:
-    """Dense warm-up; compressed and decompressed phases of equal length, the last
-    decompressed one twice as long; a final compressed fine-tune. The middle share is cut
-    into 2·compressed+1 units: (C D)×(compressed−1), C, D D."""
-    unit = (1 - warmup - final) / (2 * compressed + 1)
-    parts = [Part("dense", warmup)]
-    for _ in range(compressed - 1):
-        parts += [Part("sparse", unit), Part("dense", unit)]
-    parts += [Part("sparse", unit), Part("dense", 2 * unit), Part("finetune", final)]
-    return parts
+        parts += [Part("sparsify", cycle / 4, "exponential"), Part("sparse", cycle / 4), Part("dense", cycle / 2)]
+    return parts + [Part("sparsify", cycle + extension, "exponential"), Part("finetune", final)]
 
 
 @dataclass(frozen=True)
@@ -76,15 +80,17 @@ _SPECS = (
         name="sequential_attention_pp", title="SequentialAttention++", strategy="SequentialAttentionPP",
         keys=("score", "c", "update_every", "clip", "logits_lr", "logits_weight_decay"), shown=("score", "c"),
         mask_mode="attention",
-        presets={"paper": lambda: cycles(F(1, 10), F(15, 100), 7),           # ImageNet
-                 "criteo": lambda: cycles(F(2, 10), F(2, 10), 10),
+        presets={"paper": lambda: sapp_cycles(F(1, 10), F(15, 100), 7, F(5, 100)),     # ImageNet
+                 "criteo": lambda: sapp_cycles(F(2, 10), F(2, 10), 10),
                  "simple": lambda: [Part("dense", F(3, 10)), Part("sparsify", F(3, 10), "exponential"),
-                                    Part("finetune", F(4, 10))]},
+                                    Part("finetune", F(4, 10))],
+                 # Appendix D.1's ablation: the sparsify phases removed, i.e. ACDC's schedule
+                 "paper-no-sparsify": lambda: acdc_cycles(F(1, 10), F(15, 100), 7, F(5, 100))},
         doc="softmax attention over block logits, gradual sparsify phases (Yasuda et al. 2024)"),
     MethodSpec(
-        name="acdc", title="ACDC", strategy="ACDC", keys=(), mask_mode="support",
-        presets={"paper": lambda: alternating(F(1, 10), F(15, 100), 7),     # ImageNet: 5%-units
-                 "criteo": lambda: alternating(F(2, 10), F(2, 10), 10)},
+        name="acdc", title="ACDC", strategy="ACDC", keys=("masking",), shown=("masking",), mask_mode="support",
+        presets={"paper": lambda: acdc_cycles(F(1, 10), F(15, 100), 7, F(5, 100)),     # ImageNet
+                 "criteo": lambda: acdc_cycles(F(2, 10), F(2, 10), 10)},
         doc="alternating compressed/decompressed phases, top-k by block norm (Peste et al. 2021)"),
     MethodSpec(
         name="magnitude", title="magnitude pruning", strategy="Magnitude", keys=("variant", "update_every"),

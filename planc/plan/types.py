@@ -7,7 +7,7 @@ nothing else constructs them from untyped dicts. Key names mirror the plan file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from planc.errors import Problem
 from planc.plan.registry import DEFAULT_METHOD
@@ -85,12 +85,17 @@ class Method:
     score: str = "attention"                     # attention | magnitude
     c: float = 4.0                               # default constant of sparsify phases
     update_every: int = 1                        # steps between pruning updates in sparsify
-    clip: Optional[Tuple[float, float]] = None   # clip the attention weights A to [lo, hi]
+    # clip the attention weights A: 'density' (the paper's, Appendix C.1: [d, 1/d], d the layer's
+    # target density; planc.mask.clip_range), [lo, hi], or None (no clipping)
+    clip: Union[str, Tuple[float, float], None] = "density"
     logits_lr: Optional[float] = None            # None: the weights' learning rate
     logits_weight_decay: Optional[float] = None  # None: the weights' weight decay (paper)
     # reparameterised methods
     alpha: float = 2.0
     granularity: str = "block"                   # block (paper's block variant) | element
+    # ACDC: keep the raw weights of pruned blocks behind a zero mask (the paper's Criteo runs,
+    # "masking instead of pruning"): revived blocks come back with their old values
+    masking: bool = False
     # a method whose variant names its preset
     variant: str = "oneshot"                     # oneshot | gradual | pretrained
 

@@ -34,6 +34,10 @@ class PruningMethod:
     """Base strategy: block importance is the Frobenius norm of the effective weight."""
 
     default_curve = "exponential"
+    # False: pruned raw weights are zeroed and held at zero, revived blocks restart at
+    # zero (pruning). True: they keep their values behind the zero mask and come back
+    # with them (masking: the paper's ACDC on Criteo).
+    keeps_pruned_weights = False
 
     def __init__(self, method: Method):
         self.method = method
@@ -62,7 +66,9 @@ class SequentialAttentionPP(PruningMethod):
 
 
 class ACDC(PruningMethod):
-    pass
+    @property
+    def keeps_pruned_weights(self) -> bool:
+        return bool(self.method.masking)
 
 
 class Magnitude(PruningMethod):

@@ -9,7 +9,8 @@
 What happens where (one mechanism for every method; the method only scores blocks):
 
 - entering a `dense` phase revives every block. Revived raw weights restart at exactly
-  zero (they were held at zero while pruned). Their attention logits are left as they
+  zero (they were held at zero while pruned) — except with ACDC's `masking: true`, where
+  pruned raw weights keep their values behind the zero mask and come back with them. Their attention logits are left as they
   are: the softmax runs over all blocks, alive or not, so changing any logit would
   rescale every alive block and the edge would change the network's function; and the
   logit is the block's learned importance, which the dense phase keeps training (with
@@ -314,7 +315,8 @@ class Runtime:
             for name, mask in self.masks.items():
                 dead = int((~mask.alive).sum())
                 if dead:
-                    self._zero_blocks(name, ~mask.alive)   # revived blocks restart at zero
+                    if not self.method.keeps_pruned_weights:
+                        self._zero_blocks(name, ~mask.alive)   # revived blocks restart at zero
                     mask.alive.fill_(True)
                 changed[name] = dead
         elif phase.kind in ("sparse", "finetune"):
@@ -384,23 +386,26 @@ class Runtime:
         newly = select_prune(scores, mask.alive, total)
         newly = distributed.broadcast_decision(newly)   # every rank applies rank 0's choice (planc.distributed)
         mask.alive &= ~newly
-        self._zero_blocks(name, newly)
+        self._zero_blocks(name, newly, weight=not self.method.keeps_pruned_weights)
         return int(newly.sum())
 
     @torch.no_grad()
-    def _zero_blocks(self, name: str, blocks: torch.Tensor) -> None:
-        """Zero the raw weight on `blocks` (a bool grid) and its optimizer-state entries."""
+    def _zero_blocks(self, name: str, blocks: torch.Tensor, weight: bool = True) -> None:
+        """Zero the raw weight (unless `weight` is False: masking) on `blocks` (a bool
+        grid) and its optimizer-state entries."""
         if not bool(blocks.any()):
             return
         mask = self.masks[name]
-        weight = self.weight(name)
-        targets = [weight] + [value for value in (self.optimizer.state.get(weight, {}).values()
-                                                  if self.optimizer is not None else ())
-                              if isinstance(value, torch.Tensor) and value.shape == weight.shape]
+        param = self.weight(name)
+        state = self.optimizer.state.get(param, {}).values() if self.optimizer is not None else ()
+        targets = ([param] if weight else []) + [value for value in state
+                                                 if isinstance(value, torch.Tensor) and value.shape == param.shape]
         self._zero(mask, targets, blocks.to(torch.bool))
 
     @torch.no_grad()
     def _enforce_zeros(self) -> None:
+        if self.method.keeps_pruned_weights:       # masking: the zero mask alone hides them
+            return
         for name, mask in self.masks.items():
             if not bool(mask.alive.all()):
                 self._zero(mask, [self.weight(name)], ~mask.alive)
