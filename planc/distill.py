@@ -121,6 +121,9 @@ def tap(gm: fx.GraphModule, patterns: Sequence[str]) -> Tuple[fx.GraphModule, _R
         root.register_parameter(pname, param)
     for bname, buf in gm.named_buffers(recurse=False):
         root.register_buffer(bname, buf)
+    for node in gm.graph.nodes:               # plain tensor constants export keeps as attributes
+        if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
+            setattr(root, node.target, getattr(gm, node.target))
     root.add_module(TAP_MODULE, recorder)
     view = fx.GraphModule(root, graph, class_name=type(gm).__name__ + "Tapped")
     view.train(gm.training)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -143,3 +144,31 @@ def test_a_pattern_that_matches_nothing_names_the_modules_there_are():
     pruned = planc.compile(__import__("planc.examples.digits", fromlist=["mlp"]).mlp(hidden=32, dropout=0.3), plan)
     with pytest.raises(planc.errors.PlancError, match=r"'encoder\.\*' matches no module .*layers"):
         distill.from_plan(plan, pruned)
+
+
+def test_a_view_keeps_the_graphs_plain_tensor_constants():
+    """A traced graph can read a tensor stored as a plain attribute (no parameter, no
+    buffer); the tapped view must carry it over."""
+    import torch.fx as fx
+
+    class WithConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    gm = fx.symbolic_trace(WithConstant())
+    gm.scale = torch.tensor(3.0)
+    with gm.graph.inserting_before(list(gm.graph.nodes)[-1]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)      # fx warns of a plain attribute: the case under test
+        const = gm.graph.get_attr("scale")
+        out = list(gm.graph.nodes)[-1].args[0]
+        scaled = gm.graph.call_function(torch.mul, (out, const))
+    list(gm.graph.nodes)[-1].args = (scaled,)
+    gm.recompile()
+    view, recorder, names = distill.tap(gm, ["inner"])
+    x = torch.randn(2, 4)
+    assert names == ("inner",) and torch.equal(view(x), gm(x))
+    assert torch.equal(recorder.values["inner"], gm.inner(x))
