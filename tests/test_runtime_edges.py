@@ -23,6 +23,21 @@ def _data(seed=0):
     return torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
 
 
+def _train_and_snapshot(p, opt, steps, at, snapshot):
+    """Train `steps` steps on one batch, calling `snapshot(p)` just before the runtime
+    advances past step `at`; returns what it returned and the batch."""
+    x, y = _data(1)
+    taken = None
+    for _ in range(steps):
+        F.cross_entropy(p.module(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if p.runtime.t == at:
+            taken = snapshot(p)
+        p.step()
+    return taken, (x, y)
+
+
 def _dead_raw_weights_are_zero(p):
     for name, mask in p.masks.items():
         w = p.weight(name).detach()
@@ -77,15 +92,9 @@ def test_dense_edge_revives_every_block_at_zero(method):
     p = tiny(method, sched, sparsity=0.5)
     opt = torch.optim.SGD(p.param_groups(lr=0.05, momentum=0.9))
     p.attach(opt)
-    x, y = _data(1)
-    for _ in range(10):
-        F.cross_entropy(p.module(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if p.runtime.t == 9:
-            dead = {n: ~m.alive.clone() for n, m in p.masks.items()}
-            logits = {n: None if m.logits is None else m.logits.detach().clone() for n, m in p.masks.items()}
-        p.step()
+    (dead, logits), (x, y) = _train_and_snapshot(p, opt, 10, at=9, snapshot=lambda p: (
+        {n: ~m.alive.clone() for n, m in p.masks.items()},
+        {n: None if m.logits is None else m.logits.detach().clone() for n, m in p.masks.items()}))
     assert p.runtime.phase.kind == "dense"
     for name, mask in p.masks.items():
         assert bool(mask.alive.all())
@@ -179,18 +188,14 @@ def test_acdc_masking_keeps_pruned_weights_and_revives_them_with_their_values():
     p = tiny("acdc", sched, sparsity=0.5, masking=True)
     opt = torch.optim.SGD(p.param_groups(lr=0.05))             # no weight decay: masked weights stay put
     p.attach(opt)
-    x, y = _data(1)
-    for _ in range(10):
-        F.cross_entropy(p.module(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if p.runtime.t == 5:                                    # inside the sparse phase
-            dead = {n: ~m.alive.clone() for n, m in p.masks.items()}
-            kept = {n: p.weight(n).detach().clone() for n in p.masks}
-            assert not _dead_raw_weights_are_zero(p)            # masked, not zeroed
-            for n, m in p.masks.items():                        # ... and invisible behind the mask
-                assert bool((m(p.weight(n)).detach()[m.view.expand(dead[n])] == 0).all())
-        p.step()
+    def inside_the_sparse_phase(p):
+        dead = {n: ~m.alive.clone() for n, m in p.masks.items()}
+        assert not _dead_raw_weights_are_zero(p)                # masked, not zeroed
+        for n, m in p.masks.items():                            # ... and invisible behind the mask
+            assert bool((m(p.weight(n)).detach()[m.view.expand(dead[n])] == 0).all())
+        return dead, {n: p.weight(n).detach().clone() for n in p.masks}
+
+    (dead, kept), _ = _train_and_snapshot(p, opt, 10, at=5, snapshot=inside_the_sparse_phase)
     assert p.runtime.phase.kind == "dense"
     for name, mask in p.masks.items():
         assert bool(mask.alive.all())

@@ -1,0 +1,14 @@
+"""Example models and data for planc's plans, tests and experiments."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def tensor_loaders(train: tuple, evaluation: tuple, batch_size: int, seed: int, eval_batch: int):
+    """(train_loader, eval_loader) over in-memory tensors, as every example's data factory
+    returns them: training batches reshuffled each epoch from a generator seeded by
+    `seed` (so a run is reproducible), incomplete last batch dropped; evaluation in order."""
+    train_loader = DataLoader(TensorDataset(*train), batch_size=batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(seed))
+    return train_loader, DataLoader(TensorDataset(*evaluation), batch_size=eval_batch)

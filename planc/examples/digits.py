@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from planc.examples import tensor_loaders
 
 
 class DigitsMLP(nn.Module):
@@ -72,7 +72,4 @@ def loaders(batch_size: int = 64, seed: int = 0, val_fraction: float = 0.2, trai
     """(train_loader, eval_loader) over the fixed split. The train loader reshuffles each
     epoch from a generator seeded by `seed`, so a run is reproducible."""
     xt, yt, xv, yv = tensors(seed=seed, val_fraction=val_fraction, train_size=train_size)
-    train = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(seed))
-    evaluation = DataLoader(TensorDataset(xv, yv), batch_size=512)
-    return train, evaluation
+    return tensor_loaders((xt, yt), (xv, yv), batch_size, seed, eval_batch=512)

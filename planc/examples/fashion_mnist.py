@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from planc.examples import tensor_loaders
 
 ROOT = "/usr/share/datasets/fashion-mnist"
 PACKAGE = "dataset-fashion-mnist"
@@ -117,6 +117,4 @@ def loaders(batch_size: int = 128, seed: int = 0, train_size: Optional[int] = No
         xt, yt = xt[:train_size], yt[:train_size]
     if val_size is not None:
         xv, yv = xv[:val_size], yv[:val_size]
-    train = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(seed))
-    return train, DataLoader(TensorDataset(xv, yv), batch_size=1000)
+    return tensor_loaders((xt, yt), (xv, yv), batch_size, seed, eval_batch=1000)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from planc.examples import tensor_loaders
 from pydoc_data.topics import topics
 from planc.examples.minilm import model_dir
 from planc.examples.minilm import model
@@ -209,10 +209,7 @@ def loaders(batch_size: int = 16, seq: int = 32, val_fraction: float = 0.2, seed
         xt, yt = xt[:max_train], yt[:max_train]
     if max_val is not None:
         xv, yv = xv[:max_val], yv[:max_val]
-    train = DataLoader(TensorDataset(xt, yt), batch_size=batch_size, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(seed))
-    evaluation = DataLoader(TensorDataset(xv, yv), batch_size=128)
-    return train, evaluation
+    return tensor_loaders((xt, yt), (xv, yv), batch_size, seed, eval_batch=128)
 
 
 @torch.no_grad()

@@ -24,11 +24,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from planc.examples import tensor_loaders
 
 EMBEDDING = 10
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -158,6 +158,4 @@ def loaders(batch_size: int = 512, seed: int = 0, val_fraction: float = 0.2, spl
     if total > vocab:
         raise ValueError(f"the features need {total} embedding rows, the model's vocab is {vocab}")
     tr, va = split(len(ids), val_fraction, split_seed)
-    train = DataLoader(TensorDataset(ids[tr], clicks[tr]), batch_size=batch_size, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(seed))
-    return train, DataLoader(TensorDataset(ids[va], clicks[va]), batch_size=4096)
+    return tensor_loaders((ids[tr], clicks[tr]), (ids[va], clicks[va]), batch_size, seed, eval_batch=4096)
