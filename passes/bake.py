@@ -26,6 +26,7 @@ from planc.mask import BlockMask
 from planc.meta import BakedRecord
 
 from .insert_masks import MASKS
+from .kernel_form import dense_form
 from .nodes import graph_modules, weight_uses
 from .pipeline import GraphPass, PassResult
 
@@ -33,6 +34,7 @@ from .pipeline import GraphPass, PassResult
 def bake(gm: fx.GraphModule) -> Tuple[fx.GraphModule, bool]:
     """Fold masks into weights; returns (gm, changed)."""
     records: Dict[int, BakedRecord] = {}    # id(weight parameter) -> what bake did to it
+    dense_form(gm)                          # a graph caught in a kernel phase: back to linear(x, mask(w), b)
     uses = weight_uses(gm)
     with torch.no_grad():
         for use in uses:

@@ -286,8 +286,11 @@ def teacher_for(plan: Plan, pruned) -> nn.Module:
 
 
 def from_plan(plan: Plan, pruned) -> Distiller:
-    """The Distiller of `plan.train.distill` for `pruned` (call before training)."""
-    return Distiller(pruned.module, teacher_for(plan, pruned), plan.train.distill, plan.train.loss)
+    """The Distiller of `plan.train.distill` for `pruned` (call before training). Its
+    student view is switched with the model in sparse phases (planc.runtime.sparse_phases)."""
+    distiller = Distiller(pruned.module, teacher_for(plan, pruned), plan.train.distill, plan.train.loss)
+    pruned.pruning_runtime().kernels.add_graph(distiller.student)
+    return distiller
 
 
 # ---- dropout --------------------------------------------------------------------------

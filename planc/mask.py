@@ -113,6 +113,26 @@ class BlockMask(nn.Module):
             return self.view.scale(weight * weight.abs().pow(self.alpha - 1), support)
         return self.view.scale(weight, self._block_norms(weight).pow(self.alpha - 1) * support)
 
+    def kept_values(self, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The effective weight's blocks at (rows[k], cols[k]), (nnz, r, c), computed from
+        those blocks alone: what `forward` gives there, without building the full-size
+        effective weight. For a weight whose blocks tile it exactly, stored (out, in)
+        (`view.blocked`); the sparse-phase kernels (planc.runtime.sparse_phases) train
+        through it, so its gradients reach the weight and the logits as forward's do."""
+        blocked = self.view.blocked(weight)
+        if blocked is None:
+            raise ValueError(f"kept_values needs a Linear weight stored (out, in) that its blocks "
+                             f"{self.view.block} tile exactly, got {tuple(weight.shape)}")
+        kept = blocked[rows, :, cols, :]            # (nnz, r, c): the advanced indices come first
+        if self.mode == "attention":
+            return kept * self.attention()[rows, cols].to(weight.dtype)[:, None, None]
+        if self.mode == "support":
+            return kept
+        if self.granularity == "element":
+            return kept * kept.abs().pow(self.alpha - 1)
+        norms = kept.pow(2).sum(dim=(-1, -2)).clamp_min(_NORM_EPS).sqrt()
+        return kept * norms.pow(self.alpha - 1)[:, None, None]
+
     def _block_norms(self, weight: torch.Tensor) -> torch.Tensor:
         sq = self.view.to_blocks(weight).pow(2).sum(dim=(-1, -2))
         return sq.clamp_min(_NORM_EPS).sqrt()

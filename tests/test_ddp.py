@@ -28,7 +28,7 @@ STEPS = 15
 GLOBAL_BATCH = 32
 
 
-def plan_for(method: str, rule_name: str = "layers.*") -> str:
+def plan_for(method: str, rule_name: str = "layers.*", kernels="auto") -> str:
     return f"""
 version: 1
 name: ddp-{method}
@@ -37,7 +37,7 @@ targets:
   defaults: {{block: [8, 8], sparsity: 0.75, min_blocks: 16}}
   rules: [{{match: {{position: last}}, skip: true}}, {{match: {{name: "{rule_name}"}}, sparsity: 0.5}}]
 method: {{name: {method}}}
-schedule: {{phases: {PHASES}}}
+schedule: {{phases: {PHASES}, sparse_kernels: {kernels}}}
 """
 
 
@@ -48,10 +48,11 @@ def batches():
     return xs, ys
 
 
-def train(method: str, rank: int = 0, world: int = 1, wrap=None, perturb_rank=None, rule_name="layers.*") -> dict:
+def train(method: str, rank: int = 0, world: int = 1, wrap=None, perturb_rank=None, rule_name="layers.*",
+          kernels="auto") -> dict:
     """Run the schedule; returns the alive grids at every phase edge and the final weights."""
     torch.manual_seed(0)
-    pruned = planc.compile(mlp(hidden=32), plan_for(method, rule_name))
+    pruned = planc.compile(mlp(hidden=32), plan_for(method, rule_name, kernels))
     module = wrap(pruned.module) if wrap else pruned.module
     opt = torch.optim.SGD(pruned.param_groups(lr=0.1, momentum=0.9))
     pruned.attach(opt)
@@ -64,6 +65,7 @@ def train(method: str, rank: int = 0, world: int = 1, wrap=None, perturb_rank=No
     snapshot()
     xs, ys = batches()
     per = GLOBAL_BATCH // world
+    kernel_steps = 0
     for step in range(STEPS):
         if perturb_rank == rank and step == 3:            # rank-local state, before the first sparsify edge
             with torch.no_grad():
@@ -71,6 +73,7 @@ def train(method: str, rank: int = 0, world: int = 1, wrap=None, perturb_rank=No
                     w = pruned.weight(name)
                     w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(99)))
         x, y = xs[step, rank * per:(rank + 1) * per], ys[step, rank * per:(rank + 1) * per]
+        kernel_steps += "kernels" in rt.kernels.decisions().values()
         F.cross_entropy(module(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -82,7 +85,7 @@ def train(method: str, rank: int = 0, world: int = 1, wrap=None, perturb_rank=No
 
     distributed.assert_synchronized(pruned.masks)
     return {"edges": edges, "weights": {k: v.detach().clone() for k, v in pruned.module.state_dict().items()},
-            "names": sorted(pruned.masks)}
+            "names": sorted(pruned.masks), "kernel_steps": torch.tensor(kernel_steps)}
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
@@ -93,7 +96,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         results = {"sapp": train("sequential_attention_pp", rank, world, wrap=DDP),
-                   "acdc_perturbed": train("acdc", rank, world, wrap=DDP, perturb_rank=1)}
+                   "acdc_perturbed": train("acdc", rank, world, wrap=DDP, perturb_rank=1),
+                   # sparse and finetune phases on the block-sparse kernels (planc.runtime.sparse_phases)
+                   "sapp_kernels": train("sequential_attention_pp", rank, world, wrap=DDP, kernels="true")}
         torch.manual_seed(0)
         wrapped = planc.compile(DDP(mlp(hidden=32)), plan_for("acdc", rule_name="module.layers.*"))
         results["wrapped_names"] = sorted(wrapped.masks)
@@ -172,3 +177,15 @@ def test_rules_match_names_with_and_without_the_module_prefix(rule):
     pruned = planc.compile(Wrapper(), plan_for("acdc", rule_name=rule))
     got = {t.name: t.sparsity for t in pruned.targets if t.targeted}
     assert got == {"module.layers.0": 0.5, "module.layers.2": 0.5}
+
+
+def test_sparse_phases_on_the_kernels_stay_consistent_across_ranks(ranks):
+    r0, r1 = ranks[0]["sapp_kernels"], ranks[1]["sapp_kernels"]
+    assert int(r0["kernel_steps"]) == 5 and int(ranks[0]["sapp"]["kernel_steps"]) == 0   # sparse 2 + finetune 3
+    assert_same_edges(r0["edges"], r1["edges"])
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    # and they train what the dense computation trains (up to summation order)
+    assert_same_edges(r0["edges"], ranks[0]["sapp"]["edges"])
+    for k, v in ranks[0]["sapp"]["weights"].items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5)

@@ -82,7 +82,8 @@ def test_state_dict_is_plain_data_and_load_does_not_mutate_it():
     p, opt = _make("sequential_attention_pp")
     _run(p, opt, 0, 9)
     sd = p.state_dict()
-    assert set(sd) == {"format", "method", "step", "phase", "started", "layers", "events", "plan"}
+    assert set(sd) == {"format", "method", "step", "phase", "started", "layers", "events", "plan", "kernels"}
+    assert sd["kernels"] == {}        # the sparse-phase kernels' decisions: none in a fake (non-fx) model
     for entry in sd["layers"].values():
         assert all(v is None or type(v) is torch.Tensor for v in entry.values())
         assert entry["alive"].dtype == torch.bool

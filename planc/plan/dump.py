@@ -80,6 +80,7 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
     if plan.schedule.preset is not None:
         schedule["preset"] = plan.schedule.preset
     schedule["phases"] = [_phase(p) for p in plan.schedule.phases]
+    schedule["sparse_kernels"] = plan.schedule.sparse_kernels
 
     t, o = plan.train, plan.train.optimizer
     # an optimizer key of the other kind would be refused by the loader (momentum is sgd's, betas adam's)

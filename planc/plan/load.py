@@ -452,7 +452,7 @@ def _resolve_method_and_schedule(data: dict) -> Tuple[Method, Schedule, int]:
         steps = int(tr.get("steps", Train().steps))
         preset = preset or spec.default_preset
         phases = presets.expand(spec.name, preset, steps, c=method.c, every=method.update_every)
-    return method, Schedule(phases=phases, preset=preset), steps
+    return method, Schedule(phases=phases, preset=preset, sparse_kernels=s_raw.get("sparse_kernels", "auto")), steps
 
 
 def _resolve_train(data: dict, steps: int) -> Train:

@@ -104,4 +104,4 @@ def scale_schedule(plan: Plan, steps: int) -> Plan:
         phases = tuple(dataclasses.replace(p, start=new[i], steps=new[i + 1] - new[i])
                        for i, p in enumerate(plan.schedule.phases))
     return dataclasses.replace(plan, train=dataclasses.replace(plan.train, steps=steps),
-                               schedule=Schedule(phases=phases, preset=plan.schedule.preset))
+                               schedule=dataclasses.replace(plan.schedule, phases=phases))

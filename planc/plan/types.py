@@ -119,6 +119,7 @@ class Phase:
 class Schedule:
     phases: Tuple[Phase, ...]
     preset: Optional[str] = None                 # the preset they were expanded from
+    sparse_kernels: Union[str, bool] = "auto"    # fixed-support phases on the kernels: auto | true | false
 
     @property
     def total_steps(self) -> int:

@@ -44,6 +44,7 @@ from planc.mask import BlockMask
 from planc.plan.types import Phase, Plan
 from planc.runtime import schedule as sched
 from planc.runtime.methods import make_method, select_prune
+from planc.runtime.sparse_phases import KernelPhases
 from planc.safeio import append_text, atomic_write_text
 
 STATE_FORMAT = "planc.runtime/2"
@@ -86,6 +87,8 @@ class Runtime:
         self.started = False
         self.events: List[dict] = []
         self.events_path = events_path
+        # fixed-support phases on the block-sparse kernels (planc.runtime.sparse_phases)
+        self.kernels = KernelPhases(module, self.masks, weight, plan.schedule.sparse_kernels)
 
     def record_to(self, events_path: Optional[str]) -> None:
         """Append every event from now on to `events_path` (JSON lines; None: keep them
@@ -212,6 +215,7 @@ class Runtime:
             },
             "events": copy.deepcopy(self.events),
             "plan": self.plan_identity(),
+            "kernels": self.kernels.decisions(),
         }
 
     def plan_identity(self) -> dict:
@@ -293,6 +297,9 @@ class Runtime:
         self.started = bool(state.get("started", True))
         self.events = copy.deepcopy(list(events))
         self._enforce_zeros()
+        kernels = state.get("kernels") or {}
+        self.kernels.restore(kernels if isinstance(kernels, Mapping) else {},
+                             self.phase.kind if self.phase is not None else None)
         if self.events_path:
             self._rewrite_log()
 
@@ -325,6 +332,7 @@ class Runtime:
         elif phase.kind != "sparsify":
             raise RuntimeStateError(f"unknown phase kind {phase.kind!r} in phase {index}")
         self._reset_optimizer()
+        self.kernels.enter(phase.kind)
         ev = {"event": "phase", "step": t, "phase": index, "kind": phase.kind,
               "sparsity": self._rounded_sparsity()}
         if phase.kind == "dense":
