@@ -50,6 +50,10 @@ class BlockSparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         for name in library.INDEX_NAMES:
             self.register_buffer(name, getattr(bsm, name).clone())
+        # The CPU kernels return Yᵀ's transposed view, what a following sparse layer reads;
+        # the lower pass sets this when the output goes elsewhere (attention, residual adds,
+        # layer norms run slower, or fall off their fused kernels, on that layout).
+        self.contiguous_output = False
 
     @property
     def in_features(self) -> int:
@@ -66,9 +70,11 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = tuple(getattr(self, name) for name in library.INDEX_NAMES)
-        return library.apply(x, self.values, self.order, index, self.bias, self.shape, self.backend, self.strategy)
+        y = library.apply(x, self.values, self.order, index, self.bias, self.shape, self.backend, self.strategy)
+        return y.contiguous() if self.contiguous_output else y
 
     def extra_repr(self) -> str:
         gr, gc = -(-self.shape[0] // self.block[0]), -(-self.shape[1] // self.block[1])
         return (f"in_features={self.shape[1]}, out_features={self.shape[0]}, block={self.block}, "
-                f"nnz={self.values.shape[0]}/{gr * gc}, backend={self.backend}, order={self.order}")
+                f"nnz={self.values.shape[0]}/{gr * gc}, backend={self.backend}, order={self.order}"
+                + (", contiguous output" if self.contiguous_output else ""))

@@ -46,7 +46,7 @@ from .pipeline import GraphPass, PassResult, Pipeline, copy_module
 Block = Tuple[int, int]
 DEFAULT_TOKENS = 512
 CANDIDATE_BLOCKS: Tuple[Block, ...] = ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4))
-_REPORT_KEY = "planc.lower_report"
+REPORT_KEY = "planc.lower_report"
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,11 @@ class LowerPass(GraphPass):
                                    tokens=c.tokens, blocks=c.blocks, measure=c.measure))
         for _, g in graph_modules(gm):
             g.graph.eliminate_dead_code()
+            _settle_layouts(g)
             g.graph.lint()
             g.recompile()
         _drop_unused_params(gm, rows)
-        gm.meta[_REPORT_KEY] = rows
+        gm.meta[REPORT_KEY] = rows
         if c.verbose:
             print(format_report(rows))
         return PassResult(gm, any(row["action"] == "lowered" for row in rows))
@@ -261,6 +262,57 @@ def _replace(gm: fx.GraphModule, use, module: nn.Module) -> fx.Node:
     return new
 
 
+# Ops that keep their input's layout and change nothing else about it: a lowered layer's
+# transposed output may pass through them on its way to the next lowered layer.
+_LAYOUT_KEEPING = {
+    torch.ops.aten.gelu.default, torch.ops.aten.relu.default, torch.ops.aten.silu.default,
+    torch.ops.aten.tanh.default, torch.ops.aten.sigmoid.default, torch.ops.aten.dropout.default,
+    F.gelu, F.relu, F.silu, torch.relu, torch.tanh, torch.sigmoid, F.dropout,
+}
+_LAYOUT_KEEPING_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)
+
+
+def _lowered_linear(g: fx.GraphModule, node: fx.Node) -> Optional[BlockSparseLinear]:
+    if node.op != "call_module":
+        return None
+    module = g.get_submodule(node.target)
+    inner = getattr(module, "inner", module)
+    return inner if isinstance(inner, BlockSparseLinear) else None
+
+
+def _settle_layouts(g: fx.GraphModule) -> None:
+    """A lowered linear layer whose backend returns Yᵀ's transposed view keeps that layout
+    only when every use of its output reaches other lowered linear layers (through
+    layout-keeping elementwise ops); otherwise it returns a contiguous Y. On that layout
+    scaled-dot-product attention left its fused kernel for the math path (5× slower a call
+    in the MiniLM) and the residual adds and layer norms copied."""
+    for node in g.graph.nodes:
+        lin = _lowered_linear(g, node)
+        if lin is None:
+            continue
+        backend = backends.resolve(lin.backend, lin.values.device)
+        lin.contiguous_output = backend.transposed_output and not _feeds_only_lowered(g, node)
+
+
+def _feeds_only_lowered(g: fx.GraphModule, node: fx.Node) -> bool:
+    todo, seen = list(node.users), set()
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if _lowered_linear(g, user) is not None:
+            continue
+        tensor_args = [a for a in user.args if isinstance(a, fx.Node)]
+        keeps = (user.op == "call_function" and user.target in _LAYOUT_KEEPING
+                 or user.op == "call_module" and isinstance(g.get_submodule(user.target), _LAYOUT_KEEPING_MODULES))
+        if keeps and len(tensor_args) == 1:
+            todo.extend(user.users)
+            continue
+        return False
+    return bool(seen)
+
+
 def _drop_unused_params(gm: fx.GraphModule, rows: List[dict]) -> None:
     """Delete the dense weights (and biases) of lowered layers that no graph reads any
     more: the lowered module holds the kept blocks, and a dense copy left behind would
@@ -345,7 +397,7 @@ def _tokens_of(node, op: str) -> Optional[int]:
 
 def report(gm: fx.GraphModule) -> List[dict]:
     """The per-layer rows of the last lowering of gm."""
-    return list(gm.meta.get(_REPORT_KEY, []))
+    return list(gm.meta.get(REPORT_KEY, []))
 
 
 def format_report(rows: List[dict]) -> str:

@@ -29,11 +29,13 @@ def compile(model, plan, example_inputs=None, **kwargs):
     return _compile(model, plan, example_inputs, **kwargs)
 
 
-def lower(graph_module, backend: str = "auto", **kwargs):
-    """Rewrite baked pruned layers to block-sparse kernels (see planc.passes.lower)."""
-    from planc.passes.lower import lower as _lower   # lazy: see the module doc
+def lower(graph_module, backend: str = "auto", *, example_inputs=None, **kwargs):
+    """Rewrite baked pruned layers to block-sparse kernels (planc.passes.lower), keeping
+    the result only if the whole model measures at least min_speedup faster on
+    `example_inputs` (or the shapes the graph records); see planc.lowering.lower_checked."""
+    from planc.lowering import lower_checked   # lazy: see the module doc
 
-    return _lower(graph_module, backend=backend, **kwargs)
+    return lower_checked(graph_module, backend=backend, example_inputs=example_inputs, **kwargs)
 
 
 def save(out, pruned, *, baked=None, lowered=None, example_inputs=None, overwrite=False):

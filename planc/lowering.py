@@ -1,6 +1,6 @@
-"""The last step of `planc apply`: lower the baked model as the plan's `lower:` section
-says, check that the lowered model computes what the baked one does, and measure both in
-the same process, so the run's report states a measured ratio, not a prediction. A layer
+"""Lowering with the whole-model check, for `planc apply` and `planc.lower`: lower the
+baked model, check that the lowered model computes what the baked one does, and measure
+both in the same process, so a report states a measured ratio, not a prediction. A layer
 is lowered only if predicted and timed faster alone (passes/lower.py, measure=True), and
 the lowering as a whole is kept only if the whole model also measured faster."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from planc.passes.lower import lower, report
+from planc.passes.lower import REPORT_KEY, lower, report
 from planc.plan.types import Plan
 from planc.timing import interleaved
 
@@ -28,12 +28,23 @@ def lower_for_run(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Ten
     # measure=True: a layer the cost model would lower stays dense if it times slower here
     lowered = lower(baked, backend=plan.lower.backend, dtype=dtype, min_speedup=plan.lower.min_speedup,
                     tokens=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None, measure=True).eval()
+    return check_whole_model(baked, lowered, inputs, plan.lower.min_speedup, backend=plan.lower.backend,
+                             repeats=repeats)
+
+
+def check_whole_model(baked: torch.nn.Module, lowered: torch.nn.Module, inputs: Sequence[torch.Tensor],
+                      min_speedup: float, *, backend: str = "auto",
+                      repeats: int = 20) -> Tuple[dict, Optional[torch.nn.Module]]:
+    """Check `lowered` against `baked` on `inputs`: the largest relative error, and when
+    some layer was lowered, both timed interleaved in this process. Returns (summary,
+    lowered), or (summary, None) when nothing was lowered or the whole model measured
+    below `min_speedup`: then every row of the summary says it was kept dense, and why."""
     rows = report(lowered)
     with torch.inference_mode():
         ref, out = baked(*inputs), lowered(*inputs)
     err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
     summary = {
-        "backend": plan.lower.backend,
+        "backend": backend,
         "layers": rows,
         "lowered_layers": sum(r["action"] == "lowered" for r in rows),
         "max_rel_error": err,
@@ -45,13 +56,71 @@ def lower_for_run(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Ten
             t = interleaved({"baked": lambda: baked(*inputs), "lowered": lambda: lowered(*inputs)}, repeats)
         baked_ms, lowered_ms = t["baked"], t["lowered"]
         summary.update(baked_ms=baked_ms, lowered_ms=lowered_ms, speedup=baked_ms / lowered_ms)
-        if summary["speedup"] < plan.lower.min_speedup:
+        if summary["speedup"] < min_speedup:
             # Layers that time faster alone can still slow the whole model (the CPU path
             # returns a transposed view the next op may copy): keep the model dense.
             why = (f"the whole lowered model measured {summary['speedup']:.2f}x < min_speedup "
-                   f"{plan.lower.min_speedup:g}: kept dense")
+                   f"{min_speedup:g}: kept dense")
             for row in rows:
                 if row["action"] == "lowered":
                     row.update(action="dense", backend="dense", reason=f"{why} (alone: {row['reason']})")
             summary.update(lowered_layers=0, kept_dense=why)
     return summary, (lowered if summary["lowered_layers"] else None)
+
+
+def inputs_from_graph(gm: torch.nn.Module, seed: int = 0) -> Optional[Tuple[torch.Tensor, ...]]:
+    """Random inputs of the shapes and dtypes a traced graph's placeholders record
+    (torch.export keeps them; a dynamic batch takes its example's size), or None when a
+    placeholder records none (symbolic_trace)."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        try:
+            shape = tuple(int(getattr(getattr(d, "node", None), "hint", None) or d) for d in val.shape)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if val.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=g, dtype=val.dtype))
+        elif val.dtype in (torch.int64, torch.int32):
+            out.append(torch.randint(0, 100, shape, generator=g, dtype=val.dtype))
+        else:
+            return None
+    return tuple(out)
+
+
+def lower_checked(gm: torch.nn.Module, backend: str = "auto", *, example_inputs=None, min_speedup: float = 1.0,
+                  measure: Optional[bool] = None, repeats: int = 20, **kwargs) -> torch.nn.Module:
+    """planc.lower: the lower pass, then — when it lowered something by its measured or
+    predicted speed (min_speedup > 0) and inputs are known (`example_inputs`, else the
+    shapes the graph's placeholders record) — the whole-model check: if the lowered
+    model measures below `min_speedup` against `gm`, a dense copy of `gm` comes back,
+    its report rows saying why. So a model planc.lower returns never measured slower
+    than its input here. Layers are also timed alone (`measure`, by default whenever
+    min_speedup > 0). The check's summary is in the result's `meta["planc.lower_check"]`."""
+    if measure is None:
+        measure = min_speedup > 0
+    lowered = lower(gm, backend=backend, min_speedup=min_speedup, measure=measure, **kwargs)
+    if min_speedup <= 0 or not any(r["action"] == "lowered" for r in report(lowered)):
+        return lowered
+    inputs = example_inputs if example_inputs is not None else inputs_from_graph(gm)
+    if inputs is None:
+        return lowered
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    summary, kept = check_whole_model(gm, lowered, tuple(inputs), min_speedup, backend=backend, repeats=repeats)
+    if kept is None:
+        kept = lower(gm, backend="dense")                  # a copy of gm, its layers reported
+        kept.meta[REPORT_KEY] = summary["layers"]
+    kept.meta[CHECK_KEY] = {k: v for k, v in summary.items() if k != "layers"}
+    return kept
+
+
+CHECK_KEY = "planc.lower_check"

@@ -200,3 +200,21 @@ def test_lower_minilm_matches_baked():
         a = baked(ids, mask)[0]
         b = lowered(ids, mask)[0]
     assert rel(b, a) <= 1e-5
+
+
+@pytest.mark.parametrize("frontend", ["symbolic", "export"])
+def test_a_lowered_layer_returns_the_layout_its_users_want(frontend):
+    # layers.0 -> relu -> layers.2 (lowered): the transposed view the next kernel reads;
+    # layers.2 -> relu -> head (dense): a contiguous output
+    torch.manual_seed(0)
+    model = prune(mlp(hidden=256), (16, 16), 0.9)
+    baked = trace(model, torch.randn(32, 64), frontend)
+    lowered = planc.lower(baked, backend="cpu", min_speedup=0, blocks=(16, 16))
+    inner = {n: m for n, m in lowered.named_modules() if isinstance(m, BlockSparseLinear)}
+    assert len(inner) == 2
+    first, second = (inner[n] for n in sorted(inner, key=lambda n: "layers_2" in n or "layers.2" in n))
+    assert not first.contiguous_output and second.contiguous_output
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        assert second(torch.relu(first(x))).is_contiguous() and not first(x).is_contiguous()
+        assert rel(lowered(x), baked(x)) <= 1e-5

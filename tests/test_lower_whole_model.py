@@ -1,0 +1,84 @@
+"""planc.lower never returns a model that measured slower than its input: after the pass,
+the whole lowered model is timed against the baked one (on `example_inputs`, or on the
+shapes an exported graph records) and a dense copy comes back when it missed
+min_speedup. The timings are faked here (no speed is asserted); the decision must follow
+them."""
+import pytest
+import torch
+from torch import fx
+
+import planc
+from planc import lowering
+from planc.examples.digits import mlp
+from planc.kernels.ops import BlockSparseLinear
+from planc.passes import lower as lower_pass
+from planc.passes.lower import report
+
+from test_lower import prune
+
+
+def sparse_modules(gm):
+    return [n for n, m in gm.named_modules() if isinstance(m, BlockSparseLinear)]
+
+
+@pytest.fixture
+def fake_times(monkeypatch):
+    """Every layer 'measures' 3x faster alone; the whole model as the test says."""
+    monkeypatch.setattr(lower_pass, "_measure_linear", lambda *a, **k: 3.0)
+    whole = {}
+
+    def fake_interleaved(fns, repeats, sync=None):
+        for fn in fns.values():
+            fn()
+        whole["calls"] = whole.get("calls", 0) + 1
+        return {"baked": 1.0, "lowered": 1.0 / whole["ratio"]}
+
+    monkeypatch.setattr(lowering, "interleaved", fake_interleaved)
+    return whole
+
+
+def exported_baked():
+    torch.manual_seed(0)
+    model = prune(mlp(hidden=128), (16, 16), 0.75)
+    return torch.export.export(model, (torch.randn(32, 64),), strict=False).module()
+
+
+@pytest.mark.parametrize("ratio,kept", [(0.8, False), (1.5, True)])
+def test_the_whole_model_decides_on_recorded_shapes(fake_times, ratio, kept):
+    fake_times["ratio"] = ratio
+    baked = exported_baked()
+    out = planc.lower(baked, backend="cpu", blocks=(16, 16))
+    assert fake_times["calls"] == 1
+    check = out.meta[lowering.CHECK_KEY]
+    assert check["inputs"] == [[32, 64]] and check["speedup"] == pytest.approx(ratio)
+    assert bool(sparse_modules(out)) == kept
+    rows = [r for r in report(out) if "measured_speedup" in r]
+    assert rows and all(r["action"] == ("lowered" if kept else "dense") for r in rows)
+    if not kept:
+        assert all("kept dense" in r["reason"] for r in rows) and "kept_dense" in check
+    x = torch.randn(32, 64)
+    torch.testing.assert_close(out(x), baked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_symbolic_graphs_are_checked_on_the_inputs_given(fake_times):
+    fake_times["ratio"] = 0.5
+    baked = fx.symbolic_trace(prune(mlp(hidden=128), (16, 16), 0.75))
+    assert lowering.inputs_from_graph(baked) is None          # symbolic_trace records no shapes
+    unchecked = planc.lower(baked, backend="cpu", blocks=(16, 16))
+    assert "calls" not in fake_times and sparse_modules(unchecked)
+    checked = planc.lower(baked, backend="cpu", blocks=(16, 16), example_inputs=torch.randn(8, 64))
+    assert fake_times["calls"] == 1 and not sparse_modules(checked)
+
+
+def test_min_speedup_zero_lowers_everything_unchecked(fake_times):
+    fake_times["ratio"] = 0.1
+    out = planc.lower(exported_baked(), backend="cpu", blocks=(16, 16), min_speedup=0)
+    assert "calls" not in fake_times and sparse_modules(out)
+
+
+def test_inputs_from_an_exported_graph_with_a_dynamic_batch():
+    pruned = planc.compile(mlp(hidden=64), "version: 1\nmodel: {example_inputs: [[16, 64]]}\n"
+                           "targets: {defaults: {block: [8, 8], sparsity: 0.5, min_blocks: 4}}\n"
+                           "method: {name: magnitude}\n")
+    (x,) = lowering.inputs_from_graph(pruned.bake())
+    assert tuple(x.shape) == (16, 64) and x.dtype == torch.float32
