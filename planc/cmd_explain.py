@@ -106,7 +106,8 @@ def summary(plan: Plan) -> List[str]:
         lines.append(f"output   {plan.output}")
     sched = plan.schedule
     lines += ["", f"schedule {'preset ' + sched.preset if sched.preset else 'explicit phases'}: "
-              f"{len(sched.phases)} phases, {sched.total_steps} steps"]
+              f"{len(sched.phases)} phases, {sched.total_steps} steps, "
+              f"sparse phases on the kernels: {str(sched.sparse_kernels).lower()}"]
     return lines
 
 

@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from planc.errors import PlanError, Problem
 from planc.plan.registry import METHODS
 import yaml
+from planc.plan.positions import PlanLoader
 from planc.plan.dump import plan_to_data
 from planc.plan.dump import _phase
 from planc.plan.load import load_plan
@@ -109,8 +110,9 @@ def _split_values(text: str) -> List[str]:
 
 
 def _scalar(text: str) -> Any:
+    """A sweep value read as the plan file would read it (PlanLoader: `5e-3` is a float)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=PlanLoader)
     except yaml.YAMLError:
         return text
 

@@ -39,6 +39,8 @@ def test_parse_axis():
     assert parse_axis("sparsity=0.9,0.95").values == (0.9, 0.95)
     assert parse_axis("method.score=attention,magnitude").path == "method.score"
     assert parse_axis("c=2").path == "method.c"
+    # YAML 1.2 floats without a dot, read as numbers as in a plan file (YAML 1.1 made them strings)
+    assert parse_axis("train.optimizer.lr=5e-3,1E-2,3.0e-4").values == (0.005, 0.01, 3.0e-4)
     for bad in ("c", "=1", "c=", "c=1,,2"):
         with pytest.raises(PlanError):
             parse_axis(bad)
