@@ -26,7 +26,7 @@ def main(run: str, batch: int, seq: int) -> None:
     dense.load_state_dict(state_dict(run))
     ids = torch.randint(1000, 20000, (batch, seq), generator=torch.Generator().manual_seed(0))
     baked = trace(dense, ids[:2, :32], check=False).eval()
-    lowered = planc.lower(baked, backend="cpu", min_speedup=1.0, tokens=batch * seq, measure=True)
+    lowered = planc.lower(baked, backend="cpu", min_speedup=1.0, tokens=batch * seq, example_inputs=(ids,))
     rows = report(lowered)
     with torch.inference_mode():
         ref, out = baked(ids), lowered(ids)

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 import json
 import os
-import platform
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from planc.timing import interleaved
+from planc.timing import cpu_model, interleaved
 from planc.blocks import BlockView, sparsify_grid_count
 from planc.kernels.format import BlockSparseMatrix
 from planc.kernels import cpu as cpu_k
@@ -200,14 +199,7 @@ def sweep(full: bool = False, backend: str = "cpu", dtypes: Sequence[str] = ("fp
 def device_name(backend: str = "cpu") -> str:
     if backend == "triton" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def _f(v, spec=".2f"):

@@ -42,6 +42,7 @@ from planc.plan.types import Plan
 from planc.report import PLOTS, REPORT_MD
 from planc.safeio import MIB, FileRefused, atomic_write_text, read_limited
 from planc.pruned import example_inputs_for
+from planc.timing import cpu_model
 
 PLAN = "plan.yaml"
 TENSORS = "tensors.safetensors"
@@ -93,19 +94,6 @@ def make_report(plan, runtime, final: Dict[str, float], history: List[dict], tim
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu": cpu_model(), "threads": torch.get_num_threads()},
     }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere):
-    speed and even float results depend on it, so every report says which it was."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pruned_views(pruned, keys) -> Dict[str, BlockView]:

@@ -9,6 +9,7 @@ medians measured in one process (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable, Dict
@@ -34,3 +35,16 @@ def interleaved(fns: Dict[str, Callable[[], object]], repeats: int,
 def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
     """Median milliseconds of one callable (after two warm-up calls)."""
     return interleaved({"fn": fn}, repeats, sync)["fn"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere):
+    speed and even float results depend on it, so every report says which it was."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -65,3 +65,32 @@ def example_inputs(sentences: Sequence[str] = SENTENCES, seq: int = 16) -> torch
     tok = AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
     enc = tok(list(sentences), padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
     return enc["input_ids"].to(torch.int64)
+
+
+ONESHOT_PLAN = """
+version: 1
+name: minilm-oneshot-{pct}
+model: {{example_inputs: [[2, 32]], input_dtype: int64}}
+targets:
+  defaults: {{block: [32, 32], sparsity: {sparsity}, min_blocks: 1}}
+  rules:
+    - match: {{type: Linear, name: "bert.encoder.*"}}
+    - match: {{}}
+      skip: true
+method: {{name: magnitude, variant: pretrained}}
+schedule: {{phases: [{{phase: finetune, steps: 1}}]}}
+train: {{steps: 1}}
+"""
+
+
+def oneshot(sparsity: float, example_ids: Optional[torch.Tensor] = None):
+    """The pretrained MiniLM compiled and pruned at once by block magnitude, 32×32 blocks
+    on all 36 encoder Linear layers (the benchmarks' model): a planc Pruned, its masks set."""
+    import planc
+
+    ids = example_ids if example_ids is not None else torch.randint(
+        1000, 20000, (2, 32), generator=torch.Generator().manual_seed(0))
+    plan = planc.load_plan(ONESHOT_PLAN.format(pct=int(round(sparsity * 100)), sparsity=sparsity))
+    pruned = planc.compile(model().eval(), plan, ids)
+    pruned.attach(torch.optim.SGD(pruned.param_groups(lr=0.0)))
+    return pruned
