@@ -114,9 +114,9 @@ def _batch(t):
     return torch.randn(48, 256, generator=g), torch.randint(0, 10, (48,), generator=g)
 
 
-def _make(setting, method="sequential_attention_pp"):
+def _make(setting, method="sequential_attention_pp", frontend=None):
     torch.manual_seed(0)
-    p = planc.compile(Net(), plan_for(setting, method))
+    p = planc.compile(Net(), plan_for(setting, method), frontend=frontend)
     opt = torch.optim.SGD(p.param_groups(lr=0.05, momentum=0.9))
     p.attach(opt)
     return p, opt
@@ -162,8 +162,9 @@ def test_a_schedule_on_the_kernels_trains_like_the_dense_computation(method, one
         _close(a[key].float(), b[key].float(), rel=1e-4)
 
 
-def test_the_graph_returns_to_its_dense_form_and_bakes(one_thread):
-    p, opt = _make("true")
+@pytest.mark.parametrize("frontend", ["export", "symbolic"])
+def test_the_graph_returns_to_its_dense_form_and_bakes(frontend, one_thread):
+    p, opt = _make("true", frontend=frontend)
     dense_code = p.module.code
     _train(p, opt, 0, 8)                      # inside the sparse phase
     assert p.runtime.phase.kind == "sparse" and "masked_linear" in p.module.code
