@@ -70,7 +70,7 @@ def sparse_phase(batches, repeats: int) -> None:
                          "auto": step_fn(auto.module, auto_opt, x, y, auto.step)}, repeats)
         cells = ", ".join(f"{k} {v:.2f} ms ({t['plain'] / v:.2f}x plain)" for k, v in t.items())
         print(f"sparse phase at 90%, batch {batch}: {cells}; auto chose {auto.runtime.kernels.decisions()}")
-        auto.runtime.kernels.restore({}, "sparse")       # decide afresh for the next batch size
+        auto.runtime.kernels.forget()                    # time again at the next batch size
 
 
 def whole_run(batch: int, steps: int, rounds: int) -> None:

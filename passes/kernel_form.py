@@ -41,11 +41,12 @@ from planc.mask import BlockMask
 from .nodes import graph_modules
 
 MARGIN = 1.05               # auto keeps the kernels only when at least this much faster
-REPEATS = 5
+REPEATS = 3                 # after planc.timing's two warm-up calls: five of each, per layer timed
 
 # per-mask decision, a plain attribute of the BlockMask (None: the switch is off)
 DENSE, KERNELS, MEASURE = "dense", "kernels", "measure"
 DECISION = "_planc_kernels"
+MEASURED_AT = "_planc_kernels_density"     # the mask's density when it was last timed
 _INDEX = "_planc_kernel_index"
 _LINEARS = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
 
@@ -126,6 +127,7 @@ def _measure(x, weight, bias, mask: BlockMask) -> str:
     faster = torch.tensor([ms[KERNELS] * MARGIN <= ms[DENSE]])
     decision = KERNELS if bool(distributed.broadcast_decision(faster)[0]) else DENSE
     object.__setattr__(mask, DECISION, decision)
+    object.__setattr__(mask, MEASURED_AT, mask.density)
     return decision
 
 

@@ -83,7 +83,8 @@ def test_state_dict_is_plain_data_and_load_does_not_mutate_it():
     _run(p, opt, 0, 9)
     sd = p.state_dict()
     assert set(sd) == {"format", "method", "step", "phase", "started", "layers", "events", "plan", "kernels"}
-    assert sd["kernels"] == {}        # the sparse-phase kernels' decisions: none in a fake (non-fx) model
+    # the sparse-phase kernels' decisions: small layers are not worth timing, they stay dense
+    assert sd["kernels"] == {"now": {"fc1": "dense", "fc2": "dense"}, "timed": {}}
     for entry in sd["layers"].values():
         assert all(v is None or type(v) is torch.Tensor for v in entry.values())
         assert entry["alive"].dtype == torch.bool
@@ -126,5 +127,10 @@ def test_load_state_dict_rejects_bad_state_before_changing_anything():
         q.load_state_dict(dict(sd, layers={"fc1": sd["layers"]["fc1"]}))
     with pytest.raises(RuntimeStateError, match="method"):
         q.load_state_dict(dict(sd, method="magnitude"))
+    for kernels in ({"fc1": "kernels"}, {"now": {"fc1": "fast"}}, {"timed": {"fc1": ["dense", None]}},
+                    {"now": {"nothere": "dense"}}, ["fc1"]):
+        with pytest.raises(RuntimeStateError, match="kernels"):
+            q.load_state_dict(dict(sd, kernels=kernels))
+    assert q.runtime.t == 0
     with pytest.raises(RuntimeStateError, match="format"):
         q.load_state_dict({"step": 3})

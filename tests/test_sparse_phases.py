@@ -149,9 +149,10 @@ def test_a_schedule_on_the_kernels_trains_like_the_dense_computation(method, one
     log_on, log_off = [], []
     _train(on, on_opt, 0, STEPS, log_on)
     _train(off, off_opt, 0, STEPS, log_off)
-    used = [d for kind, _, d in log_on if kind in ("sparse", "finetune")]
-    assert used and all(d == {"a": "kernels", "b": "kernels"} for d in used)   # head: 10 rows, not tiled
-    assert all(d == {} for kind, _, d in log_on if kind in ("dense", "sparsify"))
+    used = [d for kind, _, d in log_on if kind in ("sparse", "finetune", "sparsify")]
+    on_kernels = {"a": "kernels", "b": "kernels"}                        # head: 10 rows, not tiled
+    assert len(used) == 12 and all(d == on_kernels for d in used)   # t = 2-5 sparsify, 6-8 sparse, 11-15 finetune
+    assert all(d == {} for kind, _, d in log_on if kind == "dense")
     assert all(d == {} for _, _, d in log_off)
     for (k1, l1, _), (k2, l2, _) in zip(log_on, log_off):
         assert k1 == k2 and l1 == pytest.approx(l2, rel=1e-4)
@@ -201,17 +202,22 @@ def test_auto_measures_big_layers_once_and_keeps_its_decisions_in_the_state(one_
     assert 256 * 256 >= MIN_ELEMENTS
     p, opt = _make("auto")
     _train(p, opt, 0, 6)
-    assert p.runtime.kernels.decisions() == {"a": "measure", "b": "measure"}   # sparse phase entered, no call yet
-    _train(p, opt, 6, 7)
-    decided = p.runtime.kernels.decisions()
+    # the last sparsify update (t = 4) brought the density to 0.25: timed on the next call
+    kernels = p.runtime.kernels
+    decided = kernels.decisions()
     assert set(decided) == {"a", "b"} and set(decided.values()) <= {"kernels", "dense"}
+    assert {n: at for n, (_, at) in kernels.state()["timed"].items()} == {"a": 0.25, "b": 0.25}
+    _train(p, opt, 6, 7)                    # the sparse phase, same density: the timing is reused
+    assert kernels.decisions() == decided
     state = p.state_dict()
-    assert state["kernels"] == decided
+    assert state["kernels"] == {"now": decided, "timed": {n: [d, 0.25] for n, d in decided.items()}}
     q, q_opt = _make("auto")
     q.load_state_dict(state)
-    assert q.runtime.kernels.decisions() == decided
+    assert q.runtime.kernels.state() == state["kernels"]
+    kernels.forget()                        # e.g. another batch size: time again
+    assert kernels.decisions() == {"a": "measure", "b": "measure"} and kernels.state()["timed"] == {}
     _train(p, opt, 7, 9)
-    assert p.runtime.kernels.decisions() == {}                  # the dense phase: switched off
+    assert kernels.decisions() == {} and set(kernels.state()["timed"]) == {"a", "b"}    # dense: off
 
 
 def test_small_layers_stay_dense_under_auto(one_thread):
@@ -228,7 +234,7 @@ def test_small_layers_stay_dense_under_auto(one_thread):
     opt = torch.optim.SGD(p.param_groups(lr=0.05))
     p.attach(opt)
     _train(p, opt, 0, 7)
-    assert p.runtime.kernels.decisions() == {"a": "dense"}
+    assert p.runtime.kernels.decisions() == {"a": "dense"} and p.runtime.kernels.state()["timed"] == {}
 
 
 def test_the_setting_is_checked_where_it_is_written(tmp_path):

@@ -44,10 +44,23 @@ from planc.mask import BlockMask
 from planc.plan.types import Phase, Plan
 from planc.runtime import schedule as sched
 from planc.runtime.methods import make_method, select_prune
-from planc.runtime.sparse_phases import KernelPhases
+from planc.runtime.sparse_phases import KERNEL_DECISIONS, KernelPhases
 from planc.safeio import append_text, atomic_write_text
 
 STATE_FORMAT = "planc.runtime/2"
+
+
+def _kernel_state_ok(kernels: Any, masks: Mapping[str, BlockMask]) -> bool:
+    """The shape of KernelPhases.state(): decisions and timings of known layers only."""
+    if not isinstance(kernels, Mapping) or set(kernels) - {"now", "timed"}:
+        return False
+    now, timed = kernels.get("now", {}), kernels.get("timed", {})
+    if not isinstance(now, Mapping) or not isinstance(timed, Mapping) or set(now) - set(masks) \
+            or set(timed) - set(masks):
+        return False
+    return (all(v in KERNEL_DECISIONS for v in now.values())
+            and all(isinstance(v, (list, tuple)) and len(v) == 2 and v[0] in KERNEL_DECISIONS
+                    and isinstance(v[1], (int, float)) and not isinstance(v[1], bool) for v in timed.values()))
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -215,7 +228,7 @@ class Runtime:
             },
             "events": copy.deepcopy(self.events),
             "plan": self.plan_identity(),
-            "kernels": self.kernels.decisions(),
+            "kernels": self.kernels.state(),
         }
 
     def plan_identity(self) -> dict:
@@ -283,6 +296,10 @@ class Runtime:
             if logits is not None and tuple(logits.shape) != mask.view.grid:
                 raise RuntimeStateError(f"layer {name!r}: expected logits of shape {mask.view.grid}, "
                                         f"got {tuple(logits.shape)}")
+        kernels = state.get("kernels") or {}
+        if not _kernel_state_ok(kernels, self.masks):
+            raise RuntimeStateError("expected the state's kernels as {now: {layer: decision}, "
+                                    "timed: {layer: [decision, density]}} over this model's layers")
         events = state.get("events") or []
         if not isinstance(events, list) or not all(isinstance(e, Mapping) for e in events):
             raise RuntimeStateError("expected the state's events as a list of mappings")
@@ -297,9 +314,7 @@ class Runtime:
         self.started = bool(state.get("started", True))
         self.events = copy.deepcopy(list(events))
         self._enforce_zeros()
-        kernels = state.get("kernels") or {}
-        self.kernels.restore(kernels if isinstance(kernels, Mapping) else {},
-                             self.phase.kind if self.phase is not None else None)
+        self.kernels.restore(kernels, self.phase.kind if self.phase is not None else None)
         if self.events_path:
             self._rewrite_log()
 
@@ -359,6 +374,7 @@ class Runtime:
             final = self.target_blocks(name)
             count = final if progress >= 1.0 else min(final, sparsify_grid_count(mask.num_blocks, s))
             pruned[name] = self._prune_to(name, count)
+        self.kernels.support_changed()
         self.record({"event": "prune", "step": t, "phase": self.phase_index, "progress": progress,
                      "pruned": pruned, "sparsity": self._rounded_sparsity()})
 
