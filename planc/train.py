@@ -484,6 +484,8 @@ class _Run:
         timings["steps_per_s"] = plan.train.steps / timings["train_s"] if timings["train_s"] else None
         timings["phase_step_ms"] = [round(1e3 * s / n, 3) if n else None for n, s in timings.pop("phase_steps", [])]
         report = runfolder.make_report(plan, self.runtime, final, self.history, timings)   # collective when sharded
+        # which layers trained on the block-sparse kernels, as last timed (planc.runtime.sparse_phases)
+        report["sparse_kernels"] = {"setting": plan.schedule.sparse_kernels, **self.runtime.kernels.state()}
         if self.ranks.world > 1:
             report["ranks"] = self.ranks.world
             report["distributed"] = plan.train.distributed

@@ -159,8 +159,12 @@ def test_apply_takes_threads_and_the_report_records_them_with_the_cpu(tmp_path):
     before = torch.get_num_threads()
     try:
         assert main(["apply", str(plan_path), "--out", str(tmp_path / "one"), "--steps", "20", "--threads", "1"]) == 0
-        env = json.load(open(tmp_path / "one" / "report.json"))["environment"]
+        report = json.load(open(tmp_path / "one" / "report.json"))
+        env = report["environment"]
         assert env["threads"] == 1 and env["cpu"]
+        # the sparse-phase kernels' setting and decisions: small layers, never worth timing
+        assert report["sparse_kernels"]["setting"] == "auto" and report["sparse_kernels"]["timed"] == {}
+        assert set(report["sparse_kernels"]["now"].values()) <= {"dense"}
         # auto: the tiny MLP's weights are small, so one thread whatever torch's default
         torch.set_num_threads(2)
         assert pick_threads(torch.nn.Linear(64, 32)) == 1 and pick_threads(torch.nn.Linear(1024, 1024)) == 2
