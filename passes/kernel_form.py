@@ -40,7 +40,7 @@ from planc.mask import BlockMask
 
 from .nodes import graph_modules
 
-MARGIN = 1.05               # auto keeps the kernels only when at least this much faster
+MARGIN = 1.1                # auto keeps the kernels only when at least this much faster
 REPEATS = 3                 # after planc.timing's two warm-up calls: five of each, per layer timed
 
 # per-mask decision, a plain attribute of the BlockMask (None: the switch is off)

@@ -298,3 +298,20 @@ def test_the_threaded_path_under_inference_mode_then_outside_it(split_threads):
     y = block_sparse_linear(xg, bsm)
     y.sum().backward()
     assert rel_err(y.detach(), want) <= 1e-5 and xg.grad is not None
+
+
+@pytest.mark.parametrize("strategy", ["cols", "mkl", "dense"])
+@pytest.mark.parametrize("R,C,block", [(96, 64, (32, 32)), (40, 48, (16, 16))])
+def test_the_cpu_op_returns_the_layout_its_fake_says(strategy, R, C, block):
+    # the op's output strides are part of its contract (torch.compile plans from the fake):
+    # the CPU path returns Yᵀ's transposed view whatever the strategy
+    from planc.kernels import library
+
+    bsm, _ = make(R, C, block, 0.5, torch.float32)
+    x, bias = torch.randn(24, C), torch.randn(R)
+    index = [getattr(bsm, n) for n in library.INDEX_NAMES]
+    args = (x, bsm.values, *index, bias, R, C, "cpu", strategy, "row")
+    y = torch.ops.planc.bsr_linear(*args)
+    assert y.stride() == (1, 24) and tuple(y.shape) == (24, R)
+    torch.testing.assert_close(y, F.linear(x, bsm.to_dense(), bias), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.planc.bsr_linear.default, args, test_utils=("test_faketensor",))
