@@ -9,8 +9,9 @@ form. The plan's `schedule.sparse_kernels` decides per layer: `false` never swit
 `true` runs every eligible layer on the kernels, `auto` (the default) lets each layer big
 enough to gain (`MIN_ELEMENTS`) time both on its first training call once its density is
 at most `MAX_DENSITY`, keeping the faster; a timing holds, across phases, while the
-layer's density stays within a factor 2 of the one it was made at. The decisions are part of the runtime's state, so a resumed
-run computes exactly what the uninterrupted one did.
+layer's density stays within a factor 2 of the one it was made at. The decisions are
+part of the runtime's state, so a resumed run computes exactly what the uninterrupted
+one did.
 """
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ from planc.passes.kernel_form import (DECISION, DENSE, KERNELS, MEASURE, MEASURE
 SETTINGS = ("auto", True, False)
 MIN_ELEMENTS = 1 << 16      # smaller weights: the kernels' per-call cost exceeds what they save
 MAX_DENSITY = 0.5
-
-
 KERNEL_PHASES = ("sparse", "finetune", "sparsify")
 KERNEL_DECISIONS = (DENSE, KERNELS, MEASURE)
 
