@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import planc
+
 SENTENCES = (
     "A pruning plan says which layers to sparsify and how.",
     "Block sparsity keeps whole tiles of a weight matrix or none of them.",
@@ -86,7 +88,6 @@ train: {{steps: 1}}
 def oneshot(sparsity: float, example_ids: Optional[torch.Tensor] = None):
     """The pretrained MiniLM compiled and pruned at once by block magnitude, 32×32 blocks
     on all 36 encoder Linear layers (the benchmarks' model): a planc Pruned, its masks set."""
-    import planc
 
     ids = example_ids if example_ids is not None else torch.randint(
         1000, 20000, (2, 32), generator=torch.Generator().manual_seed(0))
