@@ -44,23 +44,10 @@ from planc.mask import BlockMask
 from planc.plan.types import Phase, Plan
 from planc.runtime import schedule as sched
 from planc.runtime.methods import make_method, select_prune
-from planc.runtime.sparse_phases import KERNEL_DECISIONS, KernelPhases
+from planc.runtime.sparse_phases import KernelPhases, valid_state
 from planc.safeio import append_text, atomic_write_text
 
 STATE_FORMAT = "planc.runtime/2"
-
-
-def _kernel_state_ok(kernels: Any, masks: Mapping[str, BlockMask]) -> bool:
-    """The shape of KernelPhases.state(): decisions and timings of known layers only."""
-    if not isinstance(kernels, Mapping) or set(kernels) - {"now", "timed"}:
-        return False
-    now, timed = kernels.get("now", {}), kernels.get("timed", {})
-    if not isinstance(now, Mapping) or not isinstance(timed, Mapping) or set(now) - set(masks) \
-            or set(timed) - set(masks):
-        return False
-    return (all(v in KERNEL_DECISIONS for v in now.values())
-            and all(isinstance(v, (list, tuple)) and len(v) == 2 and v[0] in KERNEL_DECISIONS
-                    and isinstance(v[1], (int, float)) and not isinstance(v[1], bool) for v in timed.values()))
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -297,7 +284,7 @@ class Runtime:
                 raise RuntimeStateError(f"layer {name!r}: expected logits of shape {mask.view.grid}, "
                                         f"got {tuple(logits.shape)}")
         kernels = state.get("kernels") or {}
-        if not _kernel_state_ok(kernels, self.masks):
+        if not valid_state(kernels, self.masks):
             raise RuntimeStateError("expected the state's kernels as {now: {layer: decision}, "
                                     "timed: {layer: [decision, density]}} over this model's layers")
         events = state.get("events") or []

@@ -46,6 +46,19 @@ def _near(density: float, timed_at: float) -> bool:
     return timed_at / 2 < density <= timed_at * 2
 
 
+def valid_state(kernels: Any, masks: Mapping[str, BlockMask]) -> bool:
+    """The shape of KernelPhases.state(): decisions and timings of known layers only."""
+    if not isinstance(kernels, Mapping) or set(kernels) - {"now", "timed"}:
+        return False
+    now, timed = kernels.get("now", {}), kernels.get("timed", {})
+    if not isinstance(now, Mapping) or not isinstance(timed, Mapping) or set(now) - set(masks) \
+            or set(timed) - set(masks):
+        return False
+    return (all(v in KERNEL_DECISIONS for v in now.values())
+            and all(isinstance(v, (list, tuple)) and len(v) == 2 and v[0] in KERNEL_DECISIONS
+                    and isinstance(v[1], (int, float)) and not isinstance(v[1], bool) for v in timed.values()))
+
+
 class KernelPhases:
     """Switches the graphs a model trains through between the dense form and the kernel
     form at phase edges, and keeps the per-layer decisions (part of the runtime state).
