@@ -6,6 +6,13 @@ runs once, in turn — after two warm-up calls each, and each time is the **medi
 the repetitions. Load that changes during a measurement then affects every candidate
 alike, and one slow outlier does not move the result. Speed claims are ratios of such
 medians measured in one process (docs/benchmarks.md).
+
+Why not torch.utils.benchmark (issue 15 asked for it): its Timer measures one statement
+at a time (blocked_autorange runs a candidate for a stretch, then the next), so on a
+shared 2-core machine a load change between the stretches lands on one candidate only,
+the error interleaving exists to avoid (not measured side by side here). What it adds —
+setting the thread count for the measurement — the callers here do themselves
+(`torch.set_num_threads` before timing, recorded with the results).
 """
 from __future__ import annotations
 
