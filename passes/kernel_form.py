@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -153,8 +153,17 @@ def eligible(mask: BlockMask, weight: torch.Tensor) -> bool:
 
 # ---- the graph rewrite -----------------------------------------------------------------
 
-def _graphs(gm: fx.GraphModule):
-    return [g for _, g in graph_modules(gm)]
+def _rewrite(gm: fx.GraphModule, rewrite_node: Callable[[fx.GraphModule, fx.Node], bool]) -> int:
+    """Apply `rewrite_node` (True: it changed the node) to every node of gm and of its
+    nested graphs; lint and recompile the graphs it changed. Returns how many it changed."""
+    count = 0
+    for _, g in graph_modules(gm):
+        changed = sum(rewrite_node(g, node) for node in list(g.graph.nodes))
+        if changed:
+            g.graph.lint()
+            g.recompile()
+        count += changed
+    return count
 
 
 def kernel_form(gm: fx.GraphModule) -> int:
@@ -162,67 +171,47 @@ def kernel_form(gm: fx.GraphModule) -> int:
     masked_linear; returns how many nodes it rewrote. The two nodes are changed in place
     (the linear node's target, the mask call into a get_attr of the mask), so names and
     metadata survive the round trip through dense_form."""
-    count = 0
-    for g in _graphs(gm):
-        changed = False
-        for node in list(g.graph.nodes):
-            if node.op != "call_function" or node.target not in _LINEARS or len(node.args) < 2:
-                continue
-            if set(node.kwargs) - {"bias"}:
-                continue
-            m = node.args[1]
-            if not (isinstance(m, fx.Node) and m.op == "call_module" and isinstance(m.meta.get(meta.MASK), str)):
-                continue
-            if len(m.users) != 1:              # a mask output shared by several ops stays as it is
-                continue
-            mask = g.get_submodule(m.target)
-            w = m.args[0]
-            if not isinstance(mask, BlockMask) or not isinstance(w, fx.Node) or w.op != "get_attr":
-                continue
-            if not eligible(mask, _attr(g, w.target)):
-                continue
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            # plain data only: a copied graph (copy_module) shares its nodes' meta shallowly
-            node.meta[_ORIGINAL] = (node.target, len(node.args), "bias" in node.kwargs)
-            m.op, m.args = "get_attr", ()      # the node now hands over the BlockMask itself
-            node.target, node.args, node.kwargs = masked_linear, (node.args[0], w, bias, m), {}
-            changed = True
-            count += 1
-        if changed:
-            g.graph.lint()
-            g.recompile()
-    return count
-
-
-_ORIGINAL = "planc.dense_form"
+    return _rewrite(gm, _to_kernel_form)
 
 
 def dense_form(gm: fx.GraphModule) -> int:
     """Undo kernel_form: every masked_linear node back to `linear(x, mask(w), b)`, the
     same nodes with their names and metadata. Returns how many it restored."""
-    count = 0
-    for g in _graphs(gm):
-        changed = False
-        for node in list(g.graph.nodes):
-            if node.op != "call_function" or node.target is not masked_linear:
-                continue
-            x, w, bias, m = node.args
-            target, n_args, bias_kwarg = node.meta.pop(_ORIGINAL)
-            m.op, m.args = "call_module", (w,)
-            node.target, node.args = target, (x, m, bias)[:n_args]
-            node.kwargs = {"bias": bias} if bias_kwarg else {}
-            changed = True
-            count += 1
-        if changed:
-            g.graph.lint()
-            g.recompile()
-    return count
+    return _rewrite(gm, _to_dense_form)
 
 
-def _attr(g: fx.GraphModule, target: str):
-    obj = g
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+_ORIGINAL = "planc.dense_form"
 
 
+def _to_kernel_form(g: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in _LINEARS or len(node.args) < 2:
+        return False
+    if set(node.kwargs) - {"bias"}:
+        return False
+    m = node.args[1]
+    if not (isinstance(m, fx.Node) and m.op == "call_module" and isinstance(m.meta.get(meta.MASK), str)):
+        return False
+    if len(m.users) != 1:              # a mask output shared by several ops stays as it is
+        return False
+    mask, w = g.get_submodule(m.target), m.args[0]
+    if not isinstance(mask, BlockMask) or not isinstance(w, fx.Node) or w.op != "get_attr":
+        return False
+    if not eligible(mask, g.get_parameter(w.target)):
+        return False
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    # plain data only: a copied graph (copy_module) shares its nodes' meta shallowly
+    node.meta[_ORIGINAL] = (node.target, len(node.args), "bias" in node.kwargs)
+    m.op, m.args = "get_attr", ()      # the node now hands over the BlockMask itself
+    node.target, node.args, node.kwargs = masked_linear, (node.args[0], w, bias, m), {}
+    return True
+
+
+def _to_dense_form(g: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not masked_linear:
+        return False
+    x, w, bias, m = node.args
+    target, n_args, bias_kwarg = node.meta.pop(_ORIGINAL)
+    m.op, m.args = "call_module", (w,)
+    node.target, node.args = target, (x, m, bias)[:n_args]
+    node.kwargs = {"bias": bias} if bias_kwarg else {}
+    return True
