@@ -117,6 +117,8 @@ class BlockView:
             raise ValueError(f"expected a grid of shape {self.grid}, got {tuple(grid.shape)}")
         blocked = self.blocked(weight)
         if blocked is not None:
+            if type(weight) in _PLAIN and type(grid) in _PLAIN:
+                return _ScaleBlocks.apply(weight, grid, self.block)
             return (blocked * grid[:, None, :, None]).view(self.weight_shape)
         (R, C), (r, c), (gr, gc) = self.matrix_shape, self.block, self.grid
         if R % r or C % c or not weight.is_contiguous():
@@ -178,6 +180,47 @@ class BlockView:
         rows = torch.repeat_interleave(torch.arange(gr, device=values.device), crow[1:] - crow[:-1])
         blocks[rows, col] = values
         return self.from_blocks(blocks)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)   # not a tensor subclass (DTensor): those take plain ops
+
+
+class _ScaleBlocks(torch.autograd.Function):
+    """weight ⊙ expand(grid) for a contiguous (out, in) weight its blocks tile, with a
+    backward that reads the incoming gradient once: per slab of block rows (about 1 MB,
+    so it is still in cache for the second use) it reduces ⟨G_b, W_b⟩ into the grid's
+    gradient and writes G ⊙ grid into the weight's. Autograd's own backward of the
+    broadcast multiply makes three full-size passes and a strided reduction instead;
+    in an SA++ dense phase that difference is most of what the masks cost a step."""
+
+    SLAB_ELEMENTS = 1 << 18
+
+    @staticmethod
+    def forward(ctx, weight, grid, block):
+        (gr, gc), (r, c) = grid.shape, block
+        ctx.save_for_backward(weight, grid)
+        ctx.block = block
+        return (weight.view(gr, r, gc, c) * grid[:, None, :, None]).view(weight.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, grid = ctx.saved_tensors
+        (gr, gc), (r, c) = grid.shape, ctx.block
+        g = grad.reshape(gr, r, gc, c)
+        w = weight.view(gr, r, gc, c)
+        scale = grid[:, None, :, None]
+        want_weight, want_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not want_grid:
+            return (g * scale).view(weight.shape) if want_weight else None, None, None
+        grad_grid = torch.empty_like(grid)
+        grad_weight = torch.empty_like(g) if want_weight else None
+        rows = max(1, _ScaleBlocks.SLAB_ELEMENTS // (r * gc * c))
+        for i in range(0, gr, rows):
+            s = slice(i, i + rows)
+            torch.sum(torch.linalg.vecdot(g[s], w[s], dim=3), dim=1, out=grad_grid[s])
+            if want_weight:
+                torch.mul(g[s], scale[s], out=grad_weight[s])
+        return (None if grad_weight is None else grad_weight.view(weight.shape)), grad_grid, None
 
 
 def sparsify_grid_count(num_blocks: int, sparsity: float) -> int:
