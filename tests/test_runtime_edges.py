@@ -202,3 +202,52 @@ def test_acdc_masking_keeps_pruned_weights_and_revives_them_with_their_values():
         hidden = mask.view.expand(dead[name])
         assert torch.equal(p.weight(name).detach()[hidden], kept[name][hidden])      # back with their values
         assert bool((kept[name][hidden] != 0).any())
+
+
+OPTIMIZERS = {
+    "sgd": lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
+    "adam": lambda g: torch.optim.Adam(g, lr=1e-2, amsgrad=True),
+    "adamw": lambda g: torch.optim.AdamW(g, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda g: torch.optim.RMSprop(g, lr=1e-3, momentum=0.5, weight_decay=1e-3),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_pruned_weights_stay_zero_without_a_pass_between_prunings(monkeypatch, method, optimizer):
+    """step() zeroes pruned weights only where it prunes; in between, torch's optimizers
+    leave them at exactly zero by themselves (zero gradient, zero state)."""
+    from planc.runtime.runtime import Runtime
+
+    sched = phases(("dense", 3), ("sparsify", 8, {"every": 4}), ("sparse", 6), ("finetune", 4))
+    p = tiny(method, sched, sparsity=0.75)
+    opt = OPTIMIZERS[optimizer](p.param_groups(lr=1e-2))
+    p.attach(opt)
+    zeroing_steps = []
+    real_enforce = Runtime._enforce_zeros
+    monkeypatch.setattr(Runtime, "_enforce_zeros", lambda self: zeroing_steps.append(self.t) or real_enforce(self))
+    x, y = _data()
+    for _ in range(sched[-1].end):
+        F.cross_entropy(p.module(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert _dead_raw_weights_are_zero(p), (method, optimizer, p.runtime.t)
+        p.step()
+    pruning_steps = {3, 7, 11, 17}                      # edges and sparsify updates of this schedule
+    assert set(zeroing_steps) <= pruning_steps and len(zeroing_steps) >= 3
+    assert any(not bool(m.alive.all()) for m in p.masks.values())
+
+
+def test_a_pruning_step_zeroes_pruned_weights_an_optimizer_moved():
+    """The net under the steps in between: an optimizer that moves a zero-gradient weight
+    (here, by hand) is corrected at the next step that prunes."""
+    sched = phases(("sparse", 4), ("finetune", 4))
+    p = tiny("magnitude", sched, sparsity=0.5)
+    opt = torch.optim.SGD(p.param_groups(lr=0.05))
+    p.attach(opt)
+    name, mask = next(iter(p.masks.items()))
+    with torch.no_grad():
+        p.weight(name).add_(1.0)                        # every pruned entry now nonzero
+    for _ in range(4):
+        p.step()
+    assert _dead_raw_weights_are_zero(p) and p.runtime.t == 4

@@ -4,7 +4,7 @@
     pruned.attach(opt)            # applies step 0's actions (e.g. prune a pretrained model)
     for x, y in loader:
         loss_fn(pruned.module(x), y).backward(); opt.step(); opt.zero_grad()
-        pruned.step()             # keeps pruned weights at zero, advances the schedule
+        pruned.step()             # advances the schedule; prunes where it says so
 
 What happens where (one mechanism for every method; the method only scores blocks):
 
@@ -22,7 +22,11 @@ What happens where (one mechanism for every method; the method only scores block
 - at every phase edge the optimizer's state is cleared (the paper calls it crucial);
   at every pruning the pruned blocks' entries of the optimizer state are zeroed too, so
   momentum cannot push a pruned weight.
-- after every optimizer step, pruned raw weights are set back to exactly zero.
+- pruned raw weights stay at exactly zero: their gradient is zero behind the zero mask
+  and their optimizer state is zeroed, so torch's optimizers do not move them; every
+  step that prunes (an edge, an update) and every state restore zeroes them all again,
+  which also catches an optimizer that does (a preconditioner mixing entries), while
+  the steps in between cost no pass over the weights.
 
 Each edge changes the function only by the blocks it prunes: the masks' forward never
 rescales the other blocks (BlockMask), and zeroing a pruned raw weight is invisible
@@ -38,6 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from planc.blocks import sparsify_grid_count
+from planc.memory import keep_freed_memory
 from planc import distributed, sharding
 from planc.errors import RuntimeStateError
 from planc.mask import BlockMask
@@ -128,10 +133,12 @@ class Runtime:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer whose state is reset at phase edges. Starts the schedule (applies
         step 0's actions) if it has not started yet. An FSDP2-sharded module is checked
-        first (planc.sharding)."""
+        first (planc.sharding). Keeps freed memory in the process from now on
+        (planc.memory; PLANC_KEEP_FREED_MEMORY=0 turns that off)."""
         sharding.check_groups(self.module)
         sharding.check_optimizer(self.module, optimizer)
         self.optimizer = optimizer
+        keep_freed_memory()          # masks allocate weight-sized tensors a step (planc.memory)
         self.start()
 
     def start(self) -> None:
@@ -142,15 +149,19 @@ class Runtime:
             self._arrive(0)
 
     def step(self) -> None:
-        """Call after every optimizer step: zero the pruned raw weights, advance the step,
-        and apply what the schedule prescribes for the next one."""
+        """Call after every optimizer step: advance the step and apply what the schedule
+        prescribes for the next one. Where it prunes (a phase edge, a sparsify update)
+        it also zeroes every pruned raw weight. Between those steps nothing needs it: a
+        pruned block's gradient is exactly zero (its mask is zero) and its optimizer
+        state was zeroed when it was pruned, so torch's optimizers leave it at zero, and
+        a step costs no pass over the weights."""
         if self.optimizer is None:
             raise RuntimeStateError(
                 "attach(optimizer) before step(): the runtime resets the optimizer's state at phase edges")
         self.start()
-        self._enforce_zeros()
         self.t += 1
-        self._arrive(self.t)
+        if self._arrive(self.t):
+            self._enforce_zeros()
 
     def record(self, event: Mapping[str, Any]) -> None:
         """Append an event (plain JSON data) to the log, e.g. the trainer's evaluations."""
@@ -306,7 +317,8 @@ class Runtime:
             self._rewrite_log()
 
     # ---- the mechanism ------------------------------------------------------------
-    def _arrive(self, t: int) -> None:
+    def _arrive(self, t: int) -> bool:
+        """Apply step t's actions; whether there were any (a phase entered, an update)."""
         entered = [i for i in sched.phases_starting_at(self.phases, t) if i > self.phase_index]
         for i in entered:
             self._enter(i, t)
@@ -315,6 +327,8 @@ class Runtime:
             progress = sched.update_progress(phase, t)
             if progress is not None:
                 self._sparsify_update(phase, progress, t)
+                return True
+        return bool(entered)
 
     def _enter(self, index: int, t: int) -> None:
         phase = self.phases[index]
