@@ -7,7 +7,13 @@ expanded full-size masks (BlockView.expand, what it did before).
 Interleaved medians in one process, fp32, 2 threads. Not a test; figures in
 docs/benchmarks.md.
 
+With `--minilm`: the pretrained MiniLM's training step (batch 16 × 32 random token ids,
+AdamW, 1 − cosine to fixed random targets), plain against SA++'s dense phase with 32×32
+masks on all 36 encoder Linear layers (the shipped plans' targets; no distillation, so
+the comparison is the masks alone).
+
     python benchmarks/mask_overhead.py [batch ...]        # default: 64 512
+    python benchmarks/mask_overhead.py --minilm
 """
 from __future__ import annotations
 
@@ -82,5 +88,50 @@ def run_phase(phase: str, batches) -> None:
               f"({t['expanded'] / t['plain']:.2f}x)")
 
 
+MINILM_PLAN = """
+version: 1
+model: {example_inputs: [[2, 32]], input_dtype: int64}
+targets:
+  defaults: {block: [32, 32], sparsity: 0.7, min_blocks: 1}
+  rules: [{match: {type: Linear, name: "bert.encoder.*"}}, {match: {}, skip: true}]
+method: {name: sequential_attention_pp}
+schedule: {phases: [{phase: dense, steps: 100000}]}
+train: {steps: 100000}
+"""
+
+
+def minilm(repeats: int = 21) -> None:
+    from planc.examples.minilm import model
+    from planc.timing import cpu_model
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (16, 32), generator=g)
+    target = nn.functional.normalize(torch.randn(16, 384, generator=g), dim=-1)
+
+    def adamw_step(module, params, after=lambda: None):
+        opt = torch.optim.AdamW(params, lr=1e-5)
+
+        def step():
+            (1 - (module(ids) * target).sum(-1)).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            after()
+        return step, opt
+
+    plain = model().train()
+    pruned = planc.compile(model().train(), planc.load_plan(MINILM_PLAN), ids[:2])
+    plain_step, _ = adamw_step(plain, plain.parameters())
+    masked_step, opt = adamw_step(pruned.module, pruned.param_groups(lr=1e-5), pruned.step)
+    pruned.attach(opt)
+    t = interleaved({"plain": plain_step, "masked": masked_step}, repeats)
+    print(f"MiniLM step, batch 16x32, AdamW, {cpu_model()}, {torch.get_num_threads()} threads: "
+          f"plain {t['plain']:.1f} ms, SA++ dense phase ({len(pruned.masks)} masked layers) "
+          f"{t['masked']:.1f} ms ({t['masked'] / t['plain']:.3f}x)")
+
+
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [64, 512])
+    if sys.argv[1:] == ["--minilm"]:
+        minilm()
+    else:
+        main([int(a) for a in sys.argv[1:]] or [64, 512])
