@@ -11,9 +11,10 @@ for that shape, block, density and backend, and if the predicted speedup reaches
 weight node gets node.meta[planc.meta.LOWERED]: what was done and why; `report(gm)`
 collects them as a table.
 
-With `measure=True` a linear layer the prediction would lower is also timed, lowered
-against dense on random inputs of its shape (tokens × in-features, interleaved medians),
-and stays dense when the measurement misses `min_speedup`: the cost model's constants
+With `measure=True` a layer the prediction would lower is also timed, lowered against
+dense on random inputs of its shape (a linear layer: tokens × in-features; a Conv2d: the
+input shape the graph records, else a square image of that many output positions;
+interleaved medians), and stays dense when the measurement misses `min_speedup`: the cost model's constants
 come from one machine, and at small sizes fixed per-call costs it does not see decide
 (a 512×64 layer at 64 tokens was predicted 2.0× and ran 0.45×). `planc apply` measures.
 
@@ -74,8 +75,8 @@ def lower(gm: fx.GraphModule, backend: str = "auto", dtype: Optional[torch.dtype
     cast; inputs are cast to it and outputs back). min_speedup: lower a layer only when
     the predicted speedup over dense reaches it (0 lowers every pruned layer). tokens:
     the row count the prediction assumes (default: from the graph's shape metadata, else
-    512). measure: also time each linear layer the prediction lowers, and keep it dense
-    when it measured below min_speedup (decisions then depend on the machine's load)."""
+    512). measure: also time each layer (linear or conv) the prediction lowers, and keep it
+    dense when it measured below min_speedup (decisions then depend on the machine's load)."""
     config = LowerConfig(backend=backend, dtype=dtype, min_speedup=min_speedup, tokens=tokens, blocks=blocks,
                          measure=measure, inplace=inplace, verbose=verbose)
     return Pipeline([LowerPass(config)]).run(gm).module
@@ -163,8 +164,9 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
         bias = bias.to(dtype)
     module = _make_module(use, weight, bsm, bias, chosen)
     reason = f"predicted {speedup:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens"
-    if measure and use.op == "linear":
-        measured = _measure_linear(module, weight, bias, n_tokens)
+    if measure:
+        measured = (_measure_linear(module, weight, bias, n_tokens) if use.op == "linear"
+                    else _measure_conv(module, use, weight, bias, _input_shape(node), n_tokens))
         row["measured_speedup"] = round(measured, 2)
         if measured < min_speedup:
             return keep(f"measured {measured:.2f}x < min_speedup {min_speedup:g} at {n_tokens} tokens "
@@ -187,6 +189,37 @@ def _measure_linear(module: nn.Module, weight: torch.Tensor, bias: Optional[torc
         t = interleaved({"dense": lambda: F.linear(x, weight, bias), "lowered": lambda: module(x)},
                                repeats, sync)
     return t["dense"] / t["lowered"]
+
+
+def _measure_conv(module: nn.Module, use, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  input_shape: Optional[Tuple[int, ...]], tokens: int, repeats: int = 9) -> float:
+    """Dense time / lowered time of one Conv2d on a random input of the shape the graph
+    records for it (else a square image giving `tokens` output positions, batch 1)."""
+    cin = weight.shape[1]
+    if input_shape is None or len(input_shape) != 4 or input_shape[1] != cin:
+        side = max(weight.shape[2], weight.shape[3], int(round(tokens ** 0.5)))
+        input_shape = (1, cin, side, side)
+    x = torch.randn(input_shape, dtype=weight.dtype, device=weight.device,
+                    generator=torch.Generator(device=weight.device).manual_seed(0))
+    stride, dilation = use.stride or (1, 1), use.dilation or (1, 1)
+    padding = _conv_padding(use, weight)
+    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        t = interleaved({"dense": lambda: F.conv2d(x, weight, bias, stride, padding, dilation),
+                         "lowered": lambda: module(x)}, repeats, sync)
+    return t["dense"] / t["lowered"]
+
+
+def _input_shape(node: fx.Node) -> Optional[Tuple[int, ...]]:
+    """The static shape the graph records for a layer's input, if any."""
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    meta = getattr(src, "meta", {}) if src is not None else {}
+    val = meta.get("val")
+    shape = getattr(val, "shape", None) if val is not None else getattr(meta.get("tensor_meta"), "shape", None)
+    try:
+        return tuple(int(d) for d in shape) if shape is not None else None
+    except (TypeError, ValueError):      # symbolic sizes
+        return None
 
 
 def _conv_unsupported(use, weight) -> str:

@@ -117,6 +117,41 @@ def test_measure_keeps_a_layer_dense_when_its_timing_misses_min_speedup(monkeypa
     assert len(sparse_modules(gm)) == (len(timed) if action == "lowered" else 0)
 
 
+@pytest.mark.parametrize("measured,action", [(0.05, "dense"), (3.0, "lowered")])
+def test_measure_times_conv_layers_on_the_input_shape_the_graph_records(monkeypatch, measured, action):
+    from planc.passes import lower as lower_module
+
+    seen = []
+
+    def fake_measure(module, use, weight, bias, input_shape, tokens):
+        seen.append((tuple(weight.shape), input_shape))
+        return measured
+
+    monkeypatch.setattr(lower_module, "_measure_conv", fake_measure)
+    model = prune(cnn(channels=16), (8, 8), 0.6)
+    x = torch.rand(5, 64)
+    baked = trace(model, x, "export")
+    gm = planc.lower(baked, backend="cpu", min_speedup=0.1, blocks=(8, 8), measure=True)
+    conv = {r["layer"]: r for r in report(gm)}["features.3"]
+    assert conv["op"] == "conv2d" and conv["measured_speedup"] == measured and conv["action"] == action
+    assert ((32, 16, 3, 3), (5, 16, 8, 8)) in seen           # the conv's real input: batch 5, 16 channels, 8×8
+
+
+def test_measure_conv_times_a_real_lowered_conv():
+    from planc.passes import lower as lower_module
+
+    model = prune(cnn(channels=16), (8, 8), 0.6)
+    baked = trace(model, torch.rand(3, 64), "export")
+    gm = planc.lower(baked, backend="cpu", min_speedup=0, blocks=(8, 8))
+    module = next(m for m in gm.modules() if hasattr(m, "inner") and isinstance(m.inner, BlockSparseConv2d)
+                  and m.inner.in_channels == 16)
+    weight = baked.get_parameter("features.3.weight")
+    use = type("Use", (), {"stride": (1, 1), "dilation": (1, 1), "padding": (1, 1)})()
+    for shape in ((3, 16, 8, 8), None):                      # recorded, and the fallback square
+        ratio = lower_module._measure_conv(module, use, weight, None, shape, 64)
+        assert ratio > 0
+
+
 def test_measure_on_this_machine_decides_by_the_measured_ratio():
     # no timing assertion: whatever this machine measures, the decision must follow it
     baked = fx.symbolic_trace(prune(mlp(hidden=256), (16, 16), 0.9))
