@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from planc import meta as M
+from planc import meta as M, timing_cache
 from planc.blocks import BlockView
 from planc.kernels.conv import BlockSparseConv2d
 from planc.kernels.cost import predict_speedup
@@ -165,13 +165,18 @@ def _lower_one(gm, use, *, backend, dtype, min_speedup, tokens, blocks, measure=
     module = _make_module(use, weight, bsm, bias, chosen)
     reason = f"predicted {speedup:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens"
     if measure:
-        measured = (_measure_linear(module, weight, bias, n_tokens) if use.op == "linear"
-                    else _measure_conv(module, use, weight, bias, _input_shape(node), n_tokens))
+        input_shape = _input_shape(node) if use.op == "conv2d" else None
+        layer = dict(op=use.op, shape=tuple(weight.shape), block=tuple(block), density=round(bsm.density, 4),
+                     tokens=n_tokens, input=input_shape, dtype=kdtype, backend=chosen.name,
+                     stride=use.stride, padding=use.padding, dilation=use.dilation)
+        measured, cached_on = timing_cache.ratio(layer, lambda: (
+            _measure_linear(module, weight, bias, n_tokens) if use.op == "linear"
+            else _measure_conv(module, use, weight, bias, input_shape, n_tokens)))
         row["measured_speedup"] = round(measured, 2)
+        how = f"predicted {speedup:.2f}x" + (f"; timed on this machine {cached_on}, cached" if cached_on else "")
         if measured < min_speedup:
-            return keep(f"measured {measured:.2f}x < min_speedup {min_speedup:g} at {n_tokens} tokens "
-                        f"(predicted {speedup:.2f}x)")
-        reason = f"measured {measured:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens (predicted {speedup:.2f}x)"
+            return keep(f"measured {measured:.2f}x < min_speedup {min_speedup:g} at {n_tokens} tokens ({how})")
+        reason = f"measured {measured:.2f}x >= min_speedup {min_speedup:g} at {n_tokens} tokens ({how})"
     new_node = _replace(gm, use, module)
     row.update(action="lowered", backend=chosen.name, reason=reason)
     new_node.meta[M.LOWERED] = M.LoweredRecord(**row)   # the node kept (call_module) or its replacement
