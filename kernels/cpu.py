@@ -132,45 +132,52 @@ def forward_columns(x: torch.Tensor, values_t: torch.Tensor, tcrow: torch.Tensor
 
 
 def _accumulate_panels(out: torch.Tensor, init: torch.Tensor | None, panels: torch.Tensor, src_t: torch.Tensor,
-                       ptr: torch.Tensor, dest: torch.Tensor, out_width: int, in_width: int) -> None:
-    """The column-panel scheme shared by forward and dX: out (groups_out, out_width, M)
-    = init (broadcast; zero if None) + the panel products. Input group g of blocks
-    (ptr[g] to ptr[g+1], stacked in `panels` as (k·out_width, in_width)) all read the
-    slab src_t[g·in_width:(g+1)·in_width] of the token-minor input (a view: any
-    strides), so one GEMM serves the group; its products are scatter-added at `dest`.
+                       ptr: torch.Tensor, dest: torch.Tensor, out_width: int, in_width: int,
+                       sources=None) -> None:
+    """The column-panel scheme shared by forward, dX and the implicit-GEMM conv: out
+    (groups_out, out_width, M) = init (broadcast; zero if None) + the panel products.
+    Input group g of blocks (ptr[g] to ptr[g+1], stacked in `panels` as
+    (k·out_width, in_width)) all read one slab of the token-minor input `src_t` (a view:
+    any strides), so one GEMM serves the group; its products are scatter-added at `dest`.
+    The slab is rows g·in_width.. of src_t, tokens 0..M; `sources` (a (row, token
+    offset) pair per group) moves it: a conv's group is a channel slab at one kernel
+    tap, the tap a constant token offset into the padded input (kernels/conv.py).
 
     Threads take input groups one at a time from a shared counter and accumulate into
     their own copy of `out`; the copies are summed at the end. A core that starts late
     (another process, or OpenMP threads still spinning after the previous op) then just
     takes fewer groups; a static split waited for it (1.3× slower here under load)."""
     ptr_l, dest = ptr.tolist(), dest.long()
+    if sources is None:
+        sources = [(g * in_width, 0) for g in range(len(ptr_l) - 1)]
     M, rows = out.shape[2], out.shape[0] * out.shape[1]
     parts = thread_parts(2.0 * dest.numel() * out_width * in_width * M, len(ptr_l) - 1)
     # token tiles small enough that the threads' accumulators stay in the L3 cache
     tile = max(64, _TILE_BYTES // (4 * parts * rows))
     for t0 in range(0, M, tile):
         t1 = min(M, t0 + tile)
-        _accumulate_tile(out if tile >= M else out[:, :, t0:t1], init, panels, src_t[:, t0:t1], ptr_l, dest,
+        _accumulate_tile(out if tile >= M else out[:, :, t0:t1], init, panels, src_t, sources, t0, t1, ptr_l, dest,
                          parts, out_width, in_width)
 
 
-def _accumulate_tile(out, init, panels, src_t, ptr, dest, parts, out_width, in_width) -> None:
-    """`_accumulate_panels` for one token tile: `parts` threads, each with its own
+def _accumulate_tile(out, init, panels, src_t, sources, t0, t1, ptr, dest, parts, out_width, in_width) -> None:
+    """`_accumulate_panels` for the tokens t0..t1: `parts` threads, each with its own
     accumulator, then one parallel pass that sums them into `out` (a view)."""
     direct = out.is_contiguous()
     scratch = [_take_scratch(out.numel(), out.dtype) for _ in range(parts - direct)]
     try:
         accs = ([out] if direct else []) + [buf[:out.numel()].view(out.shape) for buf in scratch]
-        _accumulate_into(out, accs, init, panels, src_t, ptr, dest, out_width, in_width)
+        _accumulate_into(out, accs, init, panels, src_t, sources, t0, t1, ptr, dest, out_width, in_width)
     finally:
         for buf in scratch:
             _give_scratch(buf)
 
 
-def _accumulate_into(out, accs, init, panels, src_t, ptr, dest, out_width, in_width) -> None:
+def _accumulate_into(out, accs, init, panels, src_t, sources, t0, t1, ptr, dest, out_width, in_width) -> None:
     parts = len(accs)
     todo = itertools.count()          # next() on it is atomic under the GIL
-    _run_parallel([lambda acc=acc, i=i: _panel_loop(acc, i, panels, src_t, ptr, dest, todo, out_width, in_width)
+    _run_parallel([lambda acc=acc, i=i: _panel_loop(acc, i, panels, src_t, sources, t0, t1, ptr, dest, todo,
+                                                    out_width, in_width)
                    for acc, i in zip(accs, [init] + [None] * (parts - 1))])
     if parts > 1 or accs[0] is not out:
         _run_parallel([lambda a=a, e=e: _sum_into(out, accs, a, e) for a, e in _even_ranges(out.shape[0], parts)])
@@ -201,7 +208,7 @@ def _give_scratch(buf: torch.Tensor) -> None:
         del _SCRATCH[:-_SCRATCH_KEPT]                   # keep the largest few
 
 
-def _panel_loop(acc, init, panels, src_t, ptr, dest, todo, out_width, in_width) -> None:
+def _panel_loop(acc, init, panels, src_t, sources, t0, t1, ptr, dest, todo, out_width, in_width) -> None:
     """One thread's share of `_accumulate_panels`: start its accumulator from `init`
     (or zero), then take input groups from `todo` until none is left."""
     M, C, groups = acc.shape[2], src_t.shape[0], len(ptr) - 1
@@ -218,8 +225,9 @@ def _panel_loop(acc, init, panels, src_t, ptr, dest, todo, out_width, in_width) 
             a, e = ptr[g], ptr[g + 1]
             if a == e:
                 continue
-            w = min(in_width, C - g * in_width)            # the last slab may be partial
-            prod = torch.mm(panels[a * out_width:e * out_width, :w], src_t[g * in_width:g * in_width + w],
+            row, shift = sources[g]
+            w = min(in_width, C - row)                     # the last slab may be partial
+            prod = torch.mm(panels[a * out_width:e * out_width, :w], src_t[row:row + w, shift + t0:shift + t1],
                             out=buf[:(e - a) * out_width])
             acc.index_add_(0, dest[a:e], prod.view(e - a, out_width, M))
     finally:

@@ -3,7 +3,8 @@
 `program(module, example_inputs)` exports a module with torch.export (eval mode, batch
 and sequence dimensions free) and keeps its unlifted graph: placeholders, `get_attr` of
 parameters and buffers, calls of registered operators (aten, prims and planc's own
-`planc.bsr_linear`, kernels/library.py) and the output. `to_data` turns that graph into
+`planc.bsr_linear`, kernels/library.py, and `planc.bsr_conv2d`, kernels/conv.py) and the
+output. `to_data` turns that graph into
 plain JSON plus a dict of tensors; `from_data` rebuilds a GraphModule from them.
 
 Why not `torch.export.save`/`load`: its weights are pickles, and its loader resolves any
@@ -43,6 +44,7 @@ from planc.errors import PlancError
 from planc.kernels.format import BlockSparseMatrix
 from planc.passes.trace import dynamic_shapes_for
 from planc.kernels import library as _library  # noqa: F401  (registers torch.ops.planc.bsr_linear)
+from planc.kernels import conv as _conv  # noqa: F401  (registers torch.ops.planc.bsr_conv2d)
 
 FORMAT = "planc.program/1"
 NAMESPACES = ("aten", "prims", "planc")
@@ -408,7 +410,8 @@ def held_bytes(module: torch.nn.Module) -> int:
 
 def run_anywhere(gm: fx.GraphModule) -> fx.GraphModule:
     """Let every planc.bsr_linear call pick its kernel by its input's device ("auto"): a
-    program lowered for one device loads and runs on another."""
+    program lowered for one device loads and runs on another. (planc.bsr_conv2d names no
+    backend: it takes the implicit GEMM on a CPU input and bsr_linear's "auto" elsewhere.)"""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.planc.bsr_linear.default:
             args = list(node.args)
