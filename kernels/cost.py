@@ -111,7 +111,8 @@ def predict_speedup(tokens: int, shape, block, density: float, dtype: torch.dtyp
 def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.dtype = torch.float32) -> str:
     """The CPU formulation for one call: the fastest of column panels ("cols"), torch.sparse
     BSR ("mkl") and a dense GEMM over the materialised weight ("dense"; small or dense
-    layers) by the model above. With the threaded column panels, "mkl" is predicted
+    layers) by the model above; then "rows" instead of a sparse choice for many tokens
+    and few kept blocks per block-row (the rule below). With the threaded column panels, "mkl" is predicted
     (and measured) slower at every block size this was measured at (16–64)."""
     if density <= 0.0:
         return "cols"
@@ -122,4 +123,16 @@ def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.
     nnz = density * gr * gc
     times = {"cols": _cpu_cols_s(tokens, gr, gc, nnz, r, c), "mkl": _cpu_bsr_s(tokens, nnz, r, c, dtype),
              "dense": 2.0 * tokens * R * C / _CPU_DENSE_FLOPS + _CPU_DENSE_OVERHEAD_S}
-    return min(times, key=times.get)
+    best = min(times, key=times.get)
+    if best != "dense" and tokens >= ROWS_MIN_TOKENS and nnz / gr <= ROWS_MAX_BLOCKS_PER_ROW:
+        return "rows"
+    return best
+
+
+# "rows" (kernels/cpu.py forward_rows) over "cols": a rule from measurements rather than
+# a fitted time (docs/benchmarks.md, session 6, AMD EPYC, 2 threads): it won on MiniLM's
+# 384×384, 384×1536 and 1536×384 layers at 1,024–8,192 tokens whenever a block-row kept
+# at most ~5 blocks (1.2–3.6× the column panels' speed), and lost where rows kept ~14
+# (384×1536 at 70%) or the tokens were few (4096×4096 at 512 tokens: 0.9× at 80–90%).
+ROWS_MIN_TOKENS = 1024
+ROWS_MAX_BLOCKS_PER_ROW = 8

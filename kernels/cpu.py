@@ -26,6 +26,9 @@ ops between them keep the layout).
 Strategies, chosen per shape by `choose_cpu_strategy` (kernels/cost.py):
 - "cols":  column panels as above (forward); the mirror image for dX; per block-row
            GEMMs for dW on the support only. All three run on torch's threads.
+- "rows":  forward only: block-rows of Yᵀ claimed by threads, one in-place GEMM per
+           kept block, no accumulators or scatter (`forward_rows`); for many tokens
+           and few kept blocks per block-row.
 - "mkl":   torch.sparse BSR in its fast formulation (W_bsr @ Xᵀ)ᵀ (fp32/fp64 only).
 - "dense": materialise W and call F.linear (small layers, high density).
 16-bit inputs are computed in fp32 on CPU (MKL's half GEMMs are slower and the
@@ -42,9 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from planc.kernels.cost import choose_cpu_strategy, thread_parts
-from planc.kernels.format import BlockSparseMatrix
+from planc.kernels.format import BlockSparseMatrix, inverse
 
-STRATEGIES = ("cols", "mkl", "dense")
+STRATEGIES = ("cols", "rows", "mkl", "dense")
 
 # The threads' accumulators for one token tile together stay below this (L3 is 32 MiB):
 # at 8192 tokens a whole-output accumulator streamed from memory and ran 3× slower.
@@ -82,7 +85,59 @@ def forward_stored(x: torch.Tensor, values: torch.Tensor, order: str, index, bia
     if strategy == "cols" and order == "col":
         crow, col, row, tcrow, trow, tperm = index
         return forward_columns(x, values, tcrow, trow, shape, bias)
+    if strategy == "rows":
+        return forward_rows(x, values, order, index, bias, shape)
     return forward(x, BlockSparseMatrix.stored(values, order, index, shape), bias, strategy=strategy)
+
+
+# An output row-block tile of at most this many bytes (r × tokens): with whole rows the
+# k kept blocks of a block-row re-read it k times, so it should stay in cache.
+_ROW_TILE_BYTES = 2 << 20
+
+
+def forward_rows(x: torch.Tensor, values: torch.Tensor, order: str, index, bias: torch.Tensor | None,
+                 shape) -> torch.Tensor:
+    """Y = x·Wᵀ + bias by block-rows: each block-row of Yᵀ (r × tokens, a token tile
+    of it) starts from the bias and takes one in-place GEMM per kept block,
+    Yᵀ[i] += W_ij · Xᵀ[j] (Xᵀ a free transposed view of x). Threads claim block-rows
+    from a shared counter and own the rows they write, so there are no per-thread
+    accumulators to sum and no scatter — the column panels' overheads, which dominate
+    when a block-row has few kept blocks and the token count is large (MiniLM's layers
+    at 90%: docs/benchmarks.md). Returns Yᵀ's transposed view, like the other paths.
+    Blocks may be stored in either order; no call gathers them."""
+    if x.dim() != 2 or x.shape[1] != int(shape[1]):
+        raise ValueError(f"expected x of shape (M, {int(shape[1])}), got {tuple(x.shape)}")
+    out_dtype, cd = x.dtype, _compute_dtype(x.dtype)
+    (R, C), (r, c) = (int(v) for v in shape), (int(values.shape[1]), int(values.shape[2]))
+    crow, col, _, _, _, tperm = index
+    gr, M = -(-R // r), x.shape[0]
+    # position of row-order block b in `values`
+    where = list(range(values.shape[0])) if order == "row" else inverse(tperm.long()).tolist()
+    crow_l, col_l = crow.tolist(), col.tolist()
+    vals = values.detach().to(cd)
+    xt = x.detach().to(cd).t()
+    if C % c:                                         # a partial last block-column: pad the input's columns
+        xt = F.pad(xt, (0, 0, 0, (-(-C // c)) * c - C))
+    yt = torch.empty(gr * r, M, dtype=cd, device=x.device)
+    b = None if bias is None else F.pad(bias.detach().to(cd), (0, gr * r - R)).view(gr * r, 1)
+    tile = max(256, _ROW_TILE_BYTES // (4 * r))
+    tiles = [(t0, min(M, t0 + tile)) for t0 in range(0, M, tile)]
+    todo = itertools.count()
+
+    def work() -> None:
+        for k in _claim(todo, gr * len(tiles)):
+            i, (t0, t1) = k // len(tiles), tiles[k % len(tiles)]
+            out = yt[i * r:(i + 1) * r, t0:t1]
+            if b is None:
+                out.zero_()
+            else:
+                out.copy_(b[i * r:(i + 1) * r].expand_as(out))
+            for blk in range(crow_l[i], crow_l[i + 1]):
+                j = col_l[blk]
+                out.addmm_(vals[where[blk]], xt[j * c:(j + 1) * c, t0:t1])
+
+    _run_parallel([work] * max(1, min(torch.get_num_threads(), gr * len(tiles))))
+    return yt[:R].t().to(out_dtype)
 
 
 def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None = None,
@@ -109,6 +164,9 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
         yt = (w @ _token_minor(x, gc * c, cd))[:R]
         y = yt.t()
         return (y if bias is None else y + bias.to(cd)).to(out_dtype)
+    if strategy == "rows":
+        return forward_rows(x, bsm.values, "row", (bsm.crow, bsm.col, bsm.row, bsm.tcrow, bsm.trow, bsm.tperm),
+                            bias, bsm.shape)
     if strategy != "cols":
         raise ValueError(f"expected a CPU strategy in {STRATEGIES}, got {strategy!r}")
 

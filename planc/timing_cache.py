@@ -1,8 +1,8 @@
 """Per-machine memory of the lower pass's layer timings.
 
 A layer's lowered-against-dense ratio depends on the CPU, the torch build, the thread
-count, the layer's shape, block, density, row count and dtype — not on which model it is
-in. The lower pass times a layer once per such key on a machine and reuses the ratio
+count, planc's kernels, the layer's shape, block, density, row count and dtype — not on
+which model it is in. The lower pass times a layer once per such key on a machine and reuses the ratio
 afterwards, so decisions are made on this machine's measurements (not on cost-model
 constants fitted on another CPU), repeat from run to run, and cost nothing the second
 time. The whole-model check (planc.lowering) is never cached: it is the model's own.
@@ -15,6 +15,8 @@ and concurrent runs at worst each re-time a layer.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from datetime import date
@@ -43,8 +45,20 @@ def cache_path() -> Optional[Path]:
 
 
 def machine_key() -> dict:
-    """What besides the layer decides a timing: CPU model, torch build, threads."""
-    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    """What besides the layer decides a timing: CPU model, torch build, threads, and the
+    kernels' own code (a digest of kernels/*.py: a changed kernel times afresh)."""
+    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "kernels": _kernels_digest()}
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels_digest() -> str:
+    import planc.kernels
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(planc.kernels.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def ratio(layer: Mapping[str, object], measure: Callable[[], float]) -> Tuple[float, Optional[str]]:

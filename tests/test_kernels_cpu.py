@@ -57,7 +57,7 @@ def test_format_rejects_bad_inputs():
 @pytest.mark.parametrize("R,C,block", SHAPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("strategy", ["cols", "mkl", "dense"])
+@pytest.mark.parametrize("strategy", ["cols", "rows", "mkl", "dense"])
 def test_cpu_path_matches_float64_reference(R, C, block, sparsity, dtype, strategy):
     if strategy == "mkl" and dtype == torch.bfloat16:
         pytest.skip("torch.sparse BSR on CPU is fp32/fp64 only")
@@ -262,6 +262,33 @@ def test_cost_model_is_monotone_and_sane():
     assert predict_speedup(8192, shape, (64, 64), 0.1, torch.bfloat16, "triton") > 1.0
     assert choose_cpu_strategy(512, shape, (32, 32), 0.1) == "cols"
     assert choose_cpu_strategy(512, shape, (32, 32), 1.0) == "dense"
+    # many tokens, few kept blocks per block-row: the block-rows path; many kept: columns
+    assert choose_cpu_strategy(8192, (384, 1536), (32, 32), 0.1) == "rows"
+    assert choose_cpu_strategy(8192, (384, 1536), (32, 32), 0.3) == "cols"
+    assert choose_cpu_strategy(512, (384, 384), (32, 32), 0.1) != "rows"
+
+
+@pytest.mark.parametrize("order", ["row", "col"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_rows_path_reads_blocks_stored_in_either_order(order, threads):
+    """forward_rows on a lowered layer's stored blocks (either order, no gather), its
+    token tiles (more than one here) and its threads: equal to the dense product."""
+    from planc.kernels import cpu as cpu_module
+
+    bsm, _ = make(96, 80, (16, 16), 0.6, torch.float32, seed=3)
+    x, bias = torch.randn(1500, 80), torch.randn(96)
+    values = bsm.values if order == "row" else bsm.grouped_by_column()
+    index = (bsm.crow, bsm.col, bsm.row, bsm.tcrow, bsm.trow, bsm.tperm)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        old = cpu_module._ROW_TILE_BYTES
+        cpu_module._ROW_TILE_BYTES = 16 * 4 * 256          # 256-token tiles: six of them
+        y = cpu_module.forward_stored(x, values, order, index, bias, (96, 80), "rows")
+    finally:
+        cpu_module._ROW_TILE_BYTES = old
+        torch.set_num_threads(before)
+    assert rel_err(y, x.double() @ bsm.to_dense().double().t() + bias.double()) <= 1e-5
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -300,7 +327,7 @@ def test_the_threaded_path_under_inference_mode_then_outside_it(split_threads):
     assert rel_err(y.detach(), want) <= 1e-5 and xg.grad is not None
 
 
-@pytest.mark.parametrize("strategy", ["cols", "mkl", "dense"])
+@pytest.mark.parametrize("strategy", ["cols", "rows", "mkl", "dense"])
 @pytest.mark.parametrize("R,C,block", [(96, 64, (32, 32)), (40, 48, (16, 16))])
 def test_the_cpu_op_returns_the_layout_its_fake_says(strategy, R, C, block):
     # the op's output strides are part of its contract (torch.compile plans from the fake):

@@ -68,3 +68,13 @@ def test_the_key_holds_the_layer_and_the_machine(monkeypatch):
         timing_cache.ratio({"op": "linear", "shape": (64, 64), "density": density, "dtype": torch.float32},
                            lambda: seen.append(density) or 2.0)
     assert seen == [0.25, 0.5]
+
+
+def test_a_change_to_the_kernels_times_afresh(monkeypatch):
+    seen = []
+    layer = {"op": "linear", "shape": (64, 64), "density": 0.25}
+    timing_cache.ratio(layer, lambda: seen.append(1) or 2.0)
+    timing_cache.ratio(layer, lambda: seen.append(2) or 2.0)
+    monkeypatch.setattr(timing_cache, "_kernels_digest", lambda: "another kernel source")
+    timing_cache.ratio(layer, lambda: seen.append(3) or 2.0)
+    assert seen == [1, 3]
