@@ -74,10 +74,11 @@ def _check(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None) -
 
 
 def forward_stored(x: torch.Tensor, values: torch.Tensor, order: str, index, bias: torch.Tensor | None,
-                   shape, strategy: str = "auto") -> torch.Tensor:
+                   shape, strategy: str = "auto", layout: str = "t") -> torch.Tensor:
     """The forward of a lowered layer from its stored blocks (kernels/library.py's op):
     `strategy` "auto" picks the formulation for this call's row count (kernels/cost.py);
-    blocks stored by column go to the column panels without a gather."""
+    blocks stored by column go to the column panels without a gather. `layout` "c": the
+    block-rows path writes Y row-major (the caller makes any other result contiguous)."""
     if strategy == "auto":
         nnz, (r, c), (R, C) = values.shape[0], tuple(values.shape[1:]), shape
         density = nnz / max(1, (-(-R // r)) * (-(-C // c)))
@@ -86,7 +87,7 @@ def forward_stored(x: torch.Tensor, values: torch.Tensor, order: str, index, bia
         crow, col, row, tcrow, trow, tperm = index
         return forward_columns(x, values, tcrow, trow, shape, bias)
     if strategy == "rows":
-        return forward_rows(x, values, order, index, bias, shape)
+        return forward_rows(x, values, order, index, bias, shape, row_major=(layout == "c"))
     return forward(x, BlockSparseMatrix.stored(values, order, index, shape), bias, strategy=strategy)
 
 
@@ -96,14 +97,17 @@ _ROW_TILE_BYTES = 2 << 20
 
 
 def forward_rows(x: torch.Tensor, values: torch.Tensor, order: str, index, bias: torch.Tensor | None,
-                 shape) -> torch.Tensor:
+                 shape, row_major: bool = False) -> torch.Tensor:
     """Y = x·Wᵀ + bias by block-rows: each block-row of Yᵀ (r × tokens, a token tile
     of it) starts from the bias and takes one in-place GEMM per kept block,
     Yᵀ[i] += W_ij · Xᵀ[j] (Xᵀ a free transposed view of x). Threads claim block-rows
     from a shared counter and own the rows they write, so there are no per-thread
     accumulators to sum and no scatter — the column panels' overheads, which dominate
     when a block-row has few kept blocks and the token count is large (MiniLM's layers
-    at 90%: docs/benchmarks.md). Returns Yᵀ's transposed view, like the other paths.
+    at 90%: docs/benchmarks.md). Returns Yᵀ's transposed view, like the other paths;
+    with `row_major` it writes Y (M, R) itself instead, a column block of it per
+    block-row (Y[:, i] += X[:, j] · W_ijᵀ), for a consumer that wants Y contiguous: the
+    transpose-copy it saves cost more than the whole sparse product on MiniLM's layers.
     Blocks may be stored in either order; no call gathers them."""
     if x.dim() != 2 or x.shape[1] != int(shape[1]):
         raise ValueError(f"expected x of shape (M, {int(shape[1])}), got {tuple(x.shape)}")
@@ -118,25 +122,35 @@ def forward_rows(x: torch.Tensor, values: torch.Tensor, order: str, index, bias:
     xt = x.detach().to(cd).t()
     if C % c:                                         # a partial last block-column: pad the input's columns
         xt = F.pad(xt, (0, 0, 0, (-(-C // c)) * c - C))
-    yt = torch.empty(gr * r, M, dtype=cd, device=x.device)
-    b = None if bias is None else F.pad(bias.detach().to(cd), (0, gr * r - R)).view(gr * r, 1)
+    b = None if bias is None else F.pad(bias.detach().to(cd), (0, gr * r - R))
     tile = max(256, _ROW_TILE_BYTES // (4 * r))
     tiles = [(t0, min(M, t0 + tile)) for t0 in range(0, M, tile)]
     todo = itertools.count()
+    if row_major:
+        y = torch.empty(M, gr * r, dtype=cd, device=x.device)
+        xs, vs = xt.t(), vals.transpose(1, 2)          # X (M, C) and each block's Wᵀ, views
+    else:
+        yt = torch.empty(gr * r, M, dtype=cd, device=x.device)
 
     def work() -> None:
         for k in _claim(todo, gr * len(tiles)):
             i, (t0, t1) = k // len(tiles), tiles[k % len(tiles)]
-            out = yt[i * r:(i + 1) * r, t0:t1]
+            rows = slice(i * r, (i + 1) * r)
+            out = y[t0:t1, rows] if row_major else yt[rows, t0:t1]
             if b is None:
                 out.zero_()
             else:
-                out.copy_(b[i * r:(i + 1) * r].expand_as(out))
+                out.copy_((b[rows] if row_major else b[rows, None]).expand_as(out))
             for blk in range(crow_l[i], crow_l[i + 1]):
                 j = col_l[blk]
-                out.addmm_(vals[where[blk]], xt[j * c:(j + 1) * c, t0:t1])
+                if row_major:
+                    out.addmm_(xs[t0:t1, j * c:(j + 1) * c], vs[where[blk]])
+                else:
+                    out.addmm_(vals[where[blk]], xt[j * c:(j + 1) * c, t0:t1])
 
     _run_parallel([work] * max(1, min(torch.get_num_threads(), gr * len(tiles))))
+    if row_major:
+        return y[:, :R].to(out_dtype)
     return yt[:R].t().to(out_dtype)
 
 

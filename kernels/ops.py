@@ -70,8 +70,8 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = tuple(getattr(self, name) for name in library.INDEX_NAMES)
-        y = library.apply(x, self.values, self.order, index, self.bias, self.shape, self.backend, self.strategy)
-        return y.contiguous() if self.contiguous_output else y
+        return library.apply(x, self.values, self.order, index, self.bias, self.shape, self.backend, self.strategy,
+                             "c" if self.contiguous_output else "t")
 
     def extra_repr(self) -> str:
         gr, gc = -(-self.shape[0] // self.block[0]), -(-self.shape[1] // self.block[1])

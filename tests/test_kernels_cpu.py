@@ -270,7 +270,8 @@ def test_cost_model_is_monotone_and_sane():
 
 @pytest.mark.parametrize("order", ["row", "col"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_rows_path_reads_blocks_stored_in_either_order(order, threads):
+@pytest.mark.parametrize("row_major", [False, True])
+def test_the_rows_path_reads_blocks_stored_in_either_order(order, threads, row_major):
     """forward_rows on a lowered layer's stored blocks (either order, no gather), its
     token tiles (more than one here) and its threads: equal to the dense product."""
     from planc.kernels import cpu as cpu_module
@@ -284,11 +285,13 @@ def test_the_rows_path_reads_blocks_stored_in_either_order(order, threads):
     try:
         old = cpu_module._ROW_TILE_BYTES
         cpu_module._ROW_TILE_BYTES = 16 * 4 * 256          # 256-token tiles: six of them
-        y = cpu_module.forward_stored(x, values, order, index, bias, (96, 80), "rows")
+        y = cpu_module.forward_stored(x, values, order, index, bias, (96, 80), "rows",
+                                      layout="c" if row_major else "t")
     finally:
         cpu_module._ROW_TILE_BYTES = old
         torch.set_num_threads(before)
     assert rel_err(y, x.double() @ bsm.to_dense().double().t() + bias.double()) <= 1e-5
+    assert y.stride() == ((96, 1) if row_major else (1, 1500))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -329,16 +332,18 @@ def test_the_threaded_path_under_inference_mode_then_outside_it(split_threads):
 
 @pytest.mark.parametrize("strategy", ["cols", "rows", "mkl", "dense"])
 @pytest.mark.parametrize("R,C,block", [(96, 64, (32, 32)), (40, 48, (16, 16))])
-def test_the_cpu_op_returns_the_layout_its_fake_says(strategy, R, C, block):
+@pytest.mark.parametrize("layout", ["t", "c"])
+def test_the_cpu_op_returns_the_layout_its_fake_says(strategy, R, C, block, layout):
     # the op's output strides are part of its contract (torch.compile plans from the fake):
-    # the CPU path returns Yᵀ's transposed view whatever the strategy
+    # the CPU path returns Yᵀ's transposed view whatever the strategy, or with layout "c"
+    # a contiguous matrix
     from planc.kernels import library
 
     bsm, _ = make(R, C, block, 0.5, torch.float32)
     x, bias = torch.randn(24, C), torch.randn(R)
     index = [getattr(bsm, n) for n in library.INDEX_NAMES]
-    args = (x, bsm.values, *index, bias, R, C, "cpu", strategy, "row")
+    args = (x, bsm.values, *index, bias, R, C, "cpu", strategy, "row", layout)
     y = torch.ops.planc.bsr_linear(*args)
-    assert y.stride() == (1, 24) and tuple(y.shape) == (24, R)
+    assert y.stride() == ((1, 24) if layout == "t" else (R, 1)) and tuple(y.shape) == (24, R)
     torch.testing.assert_close(y, F.linear(x, bsm.to_dense(), bias), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.planc.bsr_linear.default, args, test_utils=("test_faketensor",))
