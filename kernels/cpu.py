@@ -132,9 +132,13 @@ def forward_rows(x: torch.Tensor, values: torch.Tensor, order: str, index, bias:
     else:
         yt = torch.empty(gr * r, M, dtype=cd, device=x.device)
 
+    # the block-rows with the most kept blocks first: the last ones claimed are the
+    # shortest, so the threads finish together (at 90% a block-row keeps 0 to ~5 blocks)
+    order_rows = sorted(range(gr), key=lambda i: crow_l[i] - crow_l[i + 1])
+
     def work() -> None:
         for k in _claim(todo, gr * len(tiles)):
-            i, (t0, t1) = k // len(tiles), tiles[k % len(tiles)]
+            i, (t0, t1) = order_rows[k // len(tiles)], tiles[k % len(tiles)]
             rows = slice(i * r, (i + 1) * r)
             out = y[t0:t1, rows] if row_major else yt[rows, t0:t1]
             if b is None:
