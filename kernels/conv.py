@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from planc.kernels import library
+from planc.kernels.cpu import accumulate_panels, compute_dtype
 from planc.kernels.format import BlockSparseMatrix
 from planc.kernels.ops import BlockSparseLinear
 
@@ -67,15 +68,13 @@ def implicit_forward(x: torch.Tensor, values_t: torch.Tensor, tcrow: torch.Tenso
     for a 3×3 'same' conv on 32×32). im2col instead writes kh·kw copies of the input.
     `values_t` (nnz, r, c) grouped by block-column with its `tcrow`/`trow`; returns
     (N, out, Ho, Wo) contiguous, in x's dtype."""
-    from planc.kernels.cpu import _accumulate_panels, _compute_dtype
-
     (kh, kw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(padding), _pair(dilation)
     n, cin, h, w = x.shape
     hp, wp = h + 2 * ph, w + 2 * pw
     ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
     if ho <= 0 or wo <= 0:
         raise ValueError(f"expected an input at least as large as the dilated kernel, got {tuple(x.shape)}")
-    out_dtype, cd = x.dtype, _compute_dtype(x.dtype)
+    out_dtype, cd = x.dtype, compute_dtype(x.dtype)
     L = n * hp * wp
     tail = dh * (kh - 1) * wp + dw * (kw - 1)      # the last tap reads this far past the last position
     padded = torch.zeros(cin, L + tail, dtype=cd, device=x.device)
@@ -90,7 +89,7 @@ def implicit_forward(x: torch.Tensor, values_t: torch.Tensor, tcrow: torch.Tenso
     yt = torch.empty(gr, r, L, dtype=cd, device=x.device)
     init = None if bias is None else F.pad(bias.detach().to(cd), (0, gr * r - out_channels)).view(gr, r, 1)
     panels = values_t.detach().to(cd).reshape(values_t.shape[0] * r, c)
-    _accumulate_panels(yt, init, panels, padded, tcrow, trow, r, c, sources=sources)
+    accumulate_panels(yt, init, panels, padded, tcrow, trow, r, c, sources=sources)
     y = yt.view(gr * r, n, hp, wp)[:out_channels, :, :ho, :wo]
     return y.permute(1, 0, 2, 3).contiguous().to(out_dtype)
 

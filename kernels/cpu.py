@@ -54,7 +54,7 @@ STRATEGIES = ("cols", "rows", "mkl", "dense")
 _TILE_BYTES = 24 << 20
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -111,7 +111,7 @@ def forward_rows(x: torch.Tensor, values: torch.Tensor, order: str, index, bias:
     Blocks may be stored in either order; no call gathers them."""
     if x.dim() != 2 or x.shape[1] != int(shape[1]):
         raise ValueError(f"expected x of shape (M, {int(shape[1])}), got {tuple(x.shape)}")
-    out_dtype, cd = x.dtype, _compute_dtype(x.dtype)
+    out_dtype, cd = x.dtype, compute_dtype(x.dtype)
     (R, C), (r, c) = (int(v) for v in shape), (int(values.shape[1]), int(values.shape[2]))
     crow, col, _, _, _, tperm = index
     gr, M = -(-R // r), x.shape[0]
@@ -162,7 +162,7 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
             strategy: str = "cols") -> torch.Tensor:
     """Y = x·Wᵀ + bias for x (M, C); returns (M, R) in x's dtype."""
     _check(x, bsm, bias)
-    out_dtype, cd = x.dtype, _compute_dtype(x.dtype)
+    out_dtype, cd = x.dtype, compute_dtype(x.dtype)
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
     M = x.shape[0]
     if strategy == "dense":
@@ -196,18 +196,18 @@ def forward_columns(x: torch.Tensor, values_t: torch.Tensor, tcrow: torch.Tensor
     """The column-panel forward on blocks already grouped by block-column (values_t
     (nnz, r, c) in transposed-index order, with its column pointers and block-rows): a
     lowered layer for inference stores its blocks this way, so no call gathers them."""
-    out_dtype, cd = x.dtype, _compute_dtype(x.dtype)
+    out_dtype, cd = x.dtype, compute_dtype(x.dtype)
     (R, C), (r, c) = (int(v) for v in shape), tuple(int(v) for v in values_t.shape[1:])
     gr, M = -(-R // r), x.shape[0]
     yt = torch.empty(gr, r, M, dtype=cd, device=x.device)
     # start from the bias: saves a pass over Y
     init = None if bias is None else F.pad(bias.detach().to(cd), (0, gr * r - R)).view(gr, r, 1)
     panels = values_t.detach().to(cd).reshape(values_t.shape[0] * r, c)
-    _accumulate_panels(yt, init, panels, x.detach().to(cd).t(), tcrow, trow, r, c)
+    accumulate_panels(yt, init, panels, x.detach().to(cd).t(), tcrow, trow, r, c)
     return yt.view(gr * r, M)[:R].t().to(out_dtype)
 
 
-def _accumulate_panels(out: torch.Tensor, init: torch.Tensor | None, panels: torch.Tensor, src_t: torch.Tensor,
+def accumulate_panels(out: torch.Tensor, init: torch.Tensor | None, panels: torch.Tensor, src_t: torch.Tensor,
                        ptr: torch.Tensor, dest: torch.Tensor, out_width: int, in_width: int,
                        sources=None) -> None:
     """The column-panel scheme shared by forward, dX and the implicit-GEMM conv: out
@@ -237,7 +237,7 @@ def _accumulate_panels(out: torch.Tensor, init: torch.Tensor | None, panels: tor
 
 
 def _accumulate_tile(out, init, panels, src_t, sources, t0, t1, ptr, dest, parts, out_width, in_width) -> None:
-    """`_accumulate_panels` for the tokens t0..t1: `parts` threads, each with its own
+    """`accumulate_panels` for the tokens t0..t1: `parts` threads, each with its own
     accumulator, then one parallel pass that sums them into `out` (a view)."""
     direct = out.is_contiguous()
     scratch = [_take_scratch(out.numel(), out.dtype) for _ in range(parts - direct)]
@@ -285,7 +285,7 @@ def _give_scratch(buf: torch.Tensor) -> None:
 
 
 def _panel_loop(acc, init, panels, src_t, sources, t0, t1, ptr, dest, todo, out_width, in_width) -> None:
-    """One thread's share of `_accumulate_panels`: start its accumulator from `init`
+    """One thread's share of `accumulate_panels`: start its accumulator from `init`
     (or zero), then take input groups from `todo` until none is left."""
     M, C, groups = acc.shape[2], src_t.shape[0], len(ptr) - 1
     if init is None:
@@ -381,12 +381,12 @@ def grad_input(dy: torch.Tensor, bsm: BlockSparseMatrix) -> torch.Tensor:
     of Wᵀ, so this is forward's scheme through the row pointers."""
     if dy.dim() != 2 or dy.shape[1] != bsm.shape[0]:
         raise ValueError(f"expected dy of shape (M, {bsm.shape[0]}), got {tuple(dy.shape)}")
-    out_dtype, cd = dy.dtype, _compute_dtype(dy.dtype)
+    out_dtype, cd = dy.dtype, compute_dtype(dy.dtype)
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
     M = dy.shape[0]
     dxt = torch.empty(gc, c, M, dtype=cd, device=dy.device)
     panels = bsm.values.detach().to(cd).transpose(1, 2).reshape(bsm.nnz * c, r)   # Wᵀ blocks
-    _accumulate_panels(dxt, None, panels, dy.detach().to(cd).t(), bsm.crow, bsm.col, c, r)
+    accumulate_panels(dxt, None, panels, dy.detach().to(cd).t(), bsm.crow, bsm.col, c, r)
     return dxt.view(gc * c, M)[:C].t().to(out_dtype)
 
 
@@ -394,7 +394,7 @@ def grad_values(dy: torch.Tensor, x: torch.Tensor, bsm: BlockSparseMatrix) -> to
     """dW on the support only: (nnz, r, c), block p = dY[:, rows_p]ᵀ · X[:, cols_p].
     One GEMM per block-row against its gathered live column slabs; the threads take
     block-rows from a shared counter (their outputs are disjoint)."""
-    out_dtype, cd = bsm.values.dtype, _compute_dtype(dy.dtype)
+    out_dtype, cd = bsm.values.dtype, compute_dtype(dy.dtype)
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
     M = dy.shape[0]
     dv = torch.empty(bsm.nnz, r, c, dtype=cd, device=dy.device)

@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Optional, Tuple
 
 import torch
 
+import planc.kernels
 from planc.safeio import atomic_write_text
 from planc.timing import cpu_model
 
@@ -53,8 +54,6 @@ def machine_key() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _kernels_digest() -> str:
-    import planc.kernels
-
     digest = hashlib.sha256()
     for path in sorted(Path(planc.kernels.__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
