@@ -14,9 +14,11 @@ collects them as a table.
 With `measure=True` a layer the prediction would lower is also timed, lowered against
 dense on random inputs of its shape (a linear layer: tokens × in-features; a Conv2d: the
 input shape the graph records, else a square image of that many output positions;
-interleaved medians), and stays dense when the measurement misses `min_speedup`: the cost model's constants
-come from one machine, and at small sizes fixed per-call costs it does not see decide
-(a 512×64 layer at 64 tokens was predicted 2.0× and ran 0.45×). `planc apply` measures.
+interleaved medians), and stays dense when the measurement misses `min_speedup`: the
+cost model's constants come from one machine, and at small sizes fixed per-call costs it
+does not see decide (a 512×64 layer at 64 tokens was predicted 2.0× and ran 0.45×).
+`planc apply` measures. A layer's timing is kept per machine and reused
+(planc.timing_cache).
 
 The block of a layer comes from what earlier passes recorded (node.meta[BAKED].block,
 node.meta[TARGET].block), else from `blocks=` (one (r, c) or a dict by layer name), else

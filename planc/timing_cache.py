@@ -2,10 +2,10 @@
 
 A layer's lowered-against-dense ratio depends on the CPU, the torch build, the thread
 count, planc's kernels, the layer's shape, block, density, row count and dtype — not on
-which model it is in. The lower pass times a layer once per such key on a machine and reuses the ratio
-afterwards, so decisions are made on this machine's measurements (not on cost-model
-constants fitted on another CPU), repeat from run to run, and cost nothing the second
-time. The whole-model check (planc.lowering) is never cached: it is the model's own.
+which model it is in. The lower pass times a layer once per such key on a machine and
+reuses the ratio afterwards, so decisions are made on this machine's measurements (not
+on cost-model constants fitted on another CPU), repeat from run to run, and cost nothing
+the second time. The whole-model check (planc.lowering) is never cached: it is the model's own.
 
 The file is `$PLANC_TIMING_CACHE`, else `$XDG_CACHE_HOME/planc/layer-timings.json`
 (`~/.cache/...`). `PLANC_TIMING_CACHE=off` turns the cache off. The file is planc's own:
