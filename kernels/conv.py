@@ -105,7 +105,8 @@ def bsr_conv2d(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: t
     index = (crow, col, row, tcrow, trow, tperm)
     block = tuple(values.shape[1:])
     if implicit_ok(cin, block, 1, x):
-        values_t = values if order == "col" else BlockSparseMatrix.stored(values, order, index, (R, C)).grouped_by_column()
+        values_t = (values if order == "col"
+                    else BlockSparseMatrix.stored(values, order, index, (R, C)).grouped_by_column())
         return implicit_forward(x, values_t, tcrow, trow, bias, R, (kh, kw), (ph, pw), (dh, dw))
     n = x.shape[0]
     cols, ho, wo = im2col(x, (kh, kw), 1, (ph, pw), (dh, dw))

@@ -112,7 +112,8 @@ def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.
     """The CPU formulation for one call: the fastest of column panels ("cols"), torch.sparse
     BSR ("mkl") and a dense GEMM over the materialised weight ("dense"; small or dense
     layers) by the model above; then "rows" instead of a sparse choice for many tokens
-    and few kept blocks per block-row (the rule below). With the threaded column panels, "mkl" is predicted
+    and few kept blocks per block-row (the rule below). With the threaded column
+    panels, "mkl" is predicted
     (and measured) slower at every block size this was measured at (16–64)."""
     if density <= 0.0:
         return "cols"
@@ -132,7 +133,7 @@ def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.
 # "rows" (kernels/cpu.py forward_rows) over "cols": a rule from measurements rather than
 # a fitted time (docs/benchmarks.md, session 6, AMD EPYC, 2 threads): it won on MiniLM's
 # 384×384, 384×1536 and 1536×384 layers at 1,024–8,192 tokens whenever a block-row kept
-# at most ~5 blocks (1.2–3.6× the column panels' speed), and lost where rows kept ~14
-# (384×1536 at 70%) or the tokens were few (4096×4096 at 512 tokens: 0.9× at 80–90%).
+# at most ~5 blocks (1.1–1.7× the column panels' speed), and lost where rows kept ~14
+# (384×1536 at 70%: 0.9×) or the tokens were few (4096×4096 at 512 tokens: 0.5–0.8×).
 ROWS_MIN_TOKENS = 1024
 ROWS_MAX_BLOCKS_PER_ROW = 8
