@@ -113,8 +113,8 @@ def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.
     BSR ("mkl") and a dense GEMM over the materialised weight ("dense"; small or dense
     layers) by the model above; then "rows" instead of a sparse choice for many tokens
     and few kept blocks per block-row (the rule below). With the threaded column
-    panels, "mkl" is predicted
-    (and measured) slower at every block size this was measured at (16–64)."""
+    panels, "mkl" is predicted (and measured) slower at every block size this was
+    measured at (16–64)."""
     if density <= 0.0:
         return "cols"
     if density >= 1.0:
