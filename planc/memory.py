@@ -4,10 +4,10 @@ A training step with planc's masks allocates and frees a few weight-sized tensor
 masked weight, its gradient) that a plain step does not. With glibc's default malloc a
 freed block of more than a few MB goes back to the kernel (munmap, or a trim of the heap
 top) and the next step's allocation of the same size faults every 4 KB page in again:
-measured on issue 16's MLP (2048×2048 layer), about 10,000 minor faults a step,
-about a third of an SA++ dense-phase step at batch 64. `keep_freed_memory()` tells glibc to serve
-large blocks from its heap and to keep freed ones (the same policy as PyTorch's CUDA
-caching allocator, or jemalloc/tcmalloc, which PyTorch's CPU performance guide
+measured on issue 16's MLP (2048×2048 layer), about 10,000 minor faults a step, about
+a third of an SA++ dense-phase step at batch 64. `keep_freed_memory()` tells glibc to
+serve large blocks from its heap and to keep freed ones (the same policy as PyTorch's
+CUDA caching allocator, or jemalloc/tcmalloc, which PyTorch's CPU performance guide
 recommends); the process then holds on to its peak heap instead of returning it.
 
 The runtime calls it when training starts (`Pruned.attach`), once per process; set
