@@ -220,13 +220,7 @@ def _measure_conv(module: nn.Module, use, weight: torch.Tensor, bias: Optional[t
 def _input_shape(node: fx.Node) -> Optional[Tuple[int, ...]]:
     """The static shape the graph records for a layer's input, if any."""
     src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    meta = getattr(src, "meta", {}) if src is not None else {}
-    val = meta.get("val")
-    shape = getattr(val, "shape", None) if val is not None else getattr(meta.get("tensor_meta"), "shape", None)
-    try:
-        return tuple(int(d) for d in shape) if shape is not None else None
-    except (TypeError, ValueError):      # symbolic sizes
-        return None
+    return _static_shape(src) if src is not None else None
 
 
 def _conv_unsupported(use, weight) -> str:
@@ -412,18 +406,23 @@ def _infer_block(weight, tokens, dtype, backend) -> Optional[Block]:
     return best
 
 
+def _static_shape(node) -> Optional[Tuple[int, ...]]:
+    """A node's output shape in numbers: from `tensor_meta` (shape propagation on real
+    inputs, planc.lowering) when it is there, else from export's `val` when its sizes
+    are not symbolic; None otherwise."""
+    for shape in (getattr(node.meta.get("tensor_meta"), "shape", None), getattr(node.meta.get("val"), "shape", None)):
+        if shape is None:
+            continue
+        try:
+            return tuple(int(d) for d in shape)
+        except (TypeError, ValueError):   # symbolic sizes
+            continue
+    return None
+
+
 def _tokens_of(node, op: str) -> Optional[int]:
-    val = node.meta.get("val")
-    if val is None:
-        tm = node.meta.get("tensor_meta")
-        shape = getattr(tm, "shape", None)
-    else:
-        shape = getattr(val, "shape", None)
-    if shape is None:
-        return None
-    try:
-        dims = [int(d) for d in shape]
-    except (TypeError, ValueError):   # symbolic sizes
+    dims = _static_shape(node)
+    if dims is None:
         return None
     if op == "conv2d" and len(dims) == 4:
         return dims[0] * dims[2] * dims[3]

@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
 
 from planc.passes.lower import REPORT_KEY, lower, report
 from planc.plan.types import Plan
@@ -25,11 +27,24 @@ def lower_for_run(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Ten
     """(lower_and_measure's summary, the lowered model, or None when no layer was lowered
     or the whole lowered model measured slower and the model stays dense)."""
     dtype = getattr(torch, plan.lower.dtype) if plan.lower.dtype else None
-    # measure=True: a layer the cost model would lower stays dense if it times slower here
+    record_shapes(baked, inputs)
+    # measure=True: a layer the cost model would lower stays dense if it times slower here;
+    # each layer is decided at its own row count (the shapes just recorded)
     lowered = lower(baked, backend=plan.lower.backend, dtype=dtype, min_speedup=plan.lower.min_speedup,
-                    tokens=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else None, measure=True).eval()
+                    measure=True).eval()
     return check_whole_model(baked, lowered, inputs, plan.lower.min_speedup, backend=plan.lower.backend,
                              repeats=repeats)
+
+
+def record_shapes(gm: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    """Annotate every node of `gm` (a GraphModule) with the shape it has on `inputs`
+    (`tensor_meta`), so the lower pass decides each layer at the row count it really
+    sees: the model's first input dimension is not it (token ids (batch, seq) reach a
+    Linear as batch·seq rows), and an exported graph's own shapes are symbolic."""
+    if not isinstance(gm, fx.GraphModule) or not inputs:
+        return
+    with torch.inference_mode():
+        ShapeProp(gm).propagate(*inputs)
 
 
 def check_whole_model(baked: torch.nn.Module, lowered: torch.nn.Module, inputs: Sequence[torch.Tensor],
@@ -107,14 +122,16 @@ def lower_checked(gm: torch.nn.Module, backend: str = "auto", *, example_inputs=
     min_speedup > 0). The check's summary is in the result's `meta["planc.lower_check"]`."""
     if measure is None:
         measure = min_speedup > 0
+    inputs = example_inputs if example_inputs is not None else inputs_from_graph(gm)
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if inputs is not None and kwargs.get("tokens") is None:
+        record_shapes(gm, tuple(inputs))                   # each layer decided at its own row count
     lowered = lower(gm, backend=backend, min_speedup=min_speedup, measure=measure, **kwargs)
     if min_speedup <= 0 or not any(r["action"] == "lowered" for r in report(lowered)):
         return lowered
-    inputs = example_inputs if example_inputs is not None else inputs_from_graph(gm)
     if inputs is None:
         return lowered
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
     summary, kept = check_whole_model(gm, lowered, tuple(inputs), min_speedup, backend=backend, repeats=repeats)
     if kept is None:
         kept = lower(gm, backend="dense")                  # a copy of gm, its layers reported

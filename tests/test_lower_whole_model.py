@@ -82,3 +82,36 @@ def test_inputs_from_an_exported_graph_with_a_dynamic_batch():
                            "method: {name: magnitude}\n")
     (x,) = lowering.inputs_from_graph(pruned.bake())
     assert tuple(x.shape) == (16, 64) and x.dtype == torch.float32
+
+
+class _TokenModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 64)
+        self.fc = torch.nn.Linear(64, 256)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids)).mean(1)
+
+
+@pytest.mark.parametrize("entry", ["apply", "planc.lower"])
+def test_each_layer_is_decided_at_the_rows_it_sees(monkeypatch, entry):
+    """Token ids (2, 32) reach the Linear as 64 rows: the per-layer timing and the
+    prediction use 64, not the model input's first dimension (2)."""
+    seen = []
+    monkeypatch.setattr(lower_pass, "_measure_linear", lambda module, weight, bias, tokens: seen.append(tokens) or 3.0)
+    plan = planc.load_plan(
+        "version: 1\nmodel: {example_inputs: [[2, 32]], input_dtype: int64}\n"
+        "targets: {defaults: {block: [16, 16], sparsity: 0.9, min_blocks: 1}}\n"
+        "method: {name: magnitude, variant: pretrained}\nschedule: {phases: [{phase: finetune, steps: 1}]}\n"
+        "train: {steps: 1}\n")
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    pruned = planc.compile(_TokenModel(), plan, ids)
+    pruned.start()
+    baked = pruned.bake().eval()
+    if entry == "apply":
+        rows = lowering.lower_and_measure(baked, plan, (ids,), repeats=1)["layers"]
+    else:
+        rows = report(planc.lower(baked, example_inputs=(ids,), repeats=1))
+    fc = {r["layer"]: r for r in rows}["fc"]
+    assert seen == [64] and "at 64 tokens" in fc["reason"], fc["reason"]
