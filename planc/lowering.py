@@ -43,8 +43,16 @@ def record_shapes(gm: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> None:
     Linear as batch·seq rows), and an exported graph's own shapes are symbolic."""
     if not isinstance(gm, fx.GraphModule) or not inputs:
         return
-    with torch.inference_mode():
-        ShapeProp(gm).propagate(*inputs)
+    before = {node: node.meta.get("tensor_meta") for node in gm.graph.nodes}
+    try:
+        with torch.inference_mode():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception:      # noqa: BLE001 — only a better guess is lost: layers fall back to the graph's own shapes
+        for node, meta in before.items():          # no half-annotated graph
+            if meta is None:
+                node.meta.pop("tensor_meta", None)
+            else:
+                node.meta["tensor_meta"] = meta
 
 
 def check_whole_model(baked: torch.nn.Module, lowered: torch.nn.Module, inputs: Sequence[torch.Tensor],
@@ -125,7 +133,7 @@ def lower_checked(gm: torch.nn.Module, backend: str = "auto", *, example_inputs=
     inputs = example_inputs if example_inputs is not None else inputs_from_graph(gm)
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    if inputs is not None and kwargs.get("tokens") is None:
+    if inputs is not None and min_speedup > 0 and kwargs.get("tokens") is None:
         record_shapes(gm, tuple(inputs))                   # each layer decided at its own row count
     lowered = lower(gm, backend=backend, min_speedup=min_speedup, measure=measure, **kwargs)
     if min_speedup <= 0 or not any(r["action"] == "lowered" for r in report(lowered)):

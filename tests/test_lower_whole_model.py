@@ -115,3 +115,14 @@ def test_each_layer_is_decided_at_the_rows_it_sees(monkeypatch, entry):
         rows = report(planc.lower(baked, example_inputs=(ids,), repeats=1))
     fc = {r["layer"]: r for r in rows}["fc"]
     assert seen == [64] and "at 64 tokens" in fc["reason"], fc["reason"]
+
+
+def test_a_model_that_fails_on_the_inputs_is_still_lowered_by_the_graph_shapes():
+    """Recording shapes is a better guess, not a requirement: inputs the model cannot
+    run leave the graph as it was (no half-annotated nodes) and the pass goes on."""
+    baked = fx.symbolic_trace(prune(mlp(hidden=128), (16, 16), 0.75))
+    lowering.record_shapes(baked, (torch.randn(4, 7),))          # the MLP wants 64 features
+    assert all("tensor_meta" not in n.meta for n in baked.graph.nodes)
+    lowering.record_shapes(baked, (torch.randn(4, 64),))
+    fc = next(n for n in baked.graph.nodes if n.op == "call_module" and n.target == "layers.0")
+    assert tuple(fc.meta["tensor_meta"].shape) == (4, 128)
