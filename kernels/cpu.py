@@ -208,8 +208,8 @@ def forward_columns(x: torch.Tensor, values_t: torch.Tensor, tcrow: torch.Tensor
 
 
 def accumulate_panels(out: torch.Tensor, init: torch.Tensor | None, panels: torch.Tensor, src_t: torch.Tensor,
-                       ptr: torch.Tensor, dest: torch.Tensor, out_width: int, in_width: int,
-                       sources=None) -> None:
+                      ptr: torch.Tensor, dest: torch.Tensor, out_width: int, in_width: int,
+                      sources=None) -> None:
     """The column-panel scheme shared by forward, dX and the implicit-GEMM conv: out
     (groups_out, out_width, M) = init (broadcast; zero if None) + the panel products.
     Input group g of blocks (ptr[g] to ptr[g+1], stacked in `panels` as
