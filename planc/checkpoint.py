@@ -142,12 +142,22 @@ def checkpoint_paths(path: str) -> List[str]:
 
 def save_state_keep_previous(path: str, state: Any) -> None:
     """save_state, keeping the checkpoint it replaces as previous_path(path). The new file is
-    complete and fsynced (as a temporary file) before any rename, so at every instant at
-    least one complete checkpoint exists under one of the two names."""
+    complete and fsynced (as a temporary file) before any rename, and `path` names a complete
+    checkpoint at every instant: the old one is hard-linked to the previous name (not renamed
+    away), then the new one is renamed over `path`. Where hard links are refused, the old one
+    is renamed, and for that one instant only the previous name holds a checkpoint."""
     tmp = f"{path}.new"
     save_state(tmp, state)                       # temp + fsync + rename to `tmp`
     if os.path.isfile(path):
-        os.replace(path, previous_path(path))
+        previous = previous_path(path)
+        link = f"{previous}.link"
+        try:
+            if os.path.lexists(link):
+                os.remove(link)
+            os.link(path, link)
+            os.replace(link, previous)
+        except OSError:
+            os.replace(path, previous)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
@@ -177,7 +187,8 @@ def load_state_or_previous(path: str, log=None) -> Tuple[Any, str]:
 
 def remove_checkpoints(path: str) -> None:
     """The checkpoints, and temporary files a killed writer may have left."""
-    leftovers = glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".new*")
+    leftovers = (glob.glob(glob.escape(path) + ".tmp-*") + glob.glob(glob.escape(path) + ".new*")
+                 + glob.glob(glob.escape(previous_path(path)) + ".link"))
     for p in [path, previous_path(path)] + leftovers:
         if os.path.isfile(p):
             os.remove(p)

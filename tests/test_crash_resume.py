@@ -269,3 +269,24 @@ def test_checkpoints_are_written_atomically(tmp_path, env, monkeypatch, one_thre
     written = [c for c in calls if isinstance(c, tuple) and c[1] == "checkpoint.safetensors"]
     assert len(written) >= 2 and "fsync" in calls
     assert not [n for n in os.listdir(tmp_path / "run") if ".tmp" in n]
+
+
+def test_the_latest_checkpoint_name_never_disappears(tmp_path, monkeypatch):
+    """Replacing a checkpoint keeps `checkpoint.safetensors` present at every rename: a kill
+    between two renames must not leave only the older checkpoint (CI once killed a run there)."""
+    import planc.checkpoint as ck
+
+    path = str(tmp_path / "checkpoint.safetensors")
+    ck.save_state_keep_previous(path, {"step": 1})
+    seen = []
+    real_replace = os.replace
+
+    def replace(a, b):
+        real_replace(a, b)
+        seen.append(os.path.isfile(path))
+
+    monkeypatch.setattr(ck.os, "replace", replace)
+    ck.save_state_keep_previous(path, {"step": 2})
+    assert seen and all(seen), seen
+    assert ck.load_state(path)["step"] == 2
+    assert ck.load_state(ck.previous_path(path))["step"] == 1
