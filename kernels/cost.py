@@ -108,7 +108,8 @@ def predict_speedup(tokens: int, shape, block, density: float, dtype: torch.dtyp
     return predict(tokens, shape, block, density, dtype, backend).speedup
 
 
-def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.dtype = torch.float32) -> str:
+def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.dtype = torch.float32,
+                        native: bool = False) -> str:
     """The CPU formulation for one call: the fastest of column panels ("cols"), torch.sparse
     BSR ("mkl") and a dense GEMM over the materialised weight ("dense"; small or dense
     layers) by the model above; then "rows" instead of a sparse choice for many tokens
@@ -119,6 +120,8 @@ def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.
         return "cols"
     if density >= 1.0:
         return "dense"
+    if native and density <= NATIVE_MAX_DENSITY:
+        return "native"
     (R, C), (r, c) = (int(s) for s in shape), (int(b) for b in block)
     gr, gc = -(-R // r), -(-C // c)
     nnz = density * gr * gc
@@ -137,3 +140,9 @@ def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.
 # (384×1536 at 70%: 0.9×) or the tokens were few (4096×4096 at 512 tokens: 0.5–0.8×).
 ROWS_MIN_TOKENS = 1024
 ROWS_MAX_BLOCKS_PER_ROW = 8
+
+
+# "native" (kernels/native.c) whenever it is built for the layer's block and dtype and the
+# layer keeps at most this share of its blocks: it ran at the dense GEMM's rate per kept
+# block on every shape measured (docs/benchmarks.md), so it wins below ~this density.
+NATIVE_MAX_DENSITY = 0.6

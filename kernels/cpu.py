@@ -44,10 +44,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from planc.kernels import native
 from planc.kernels.cost import choose_cpu_strategy, thread_parts
 from planc.kernels.format import BlockSparseMatrix, inverse
 
-STRATEGIES = ("cols", "rows", "mkl", "dense")
+STRATEGIES = ("native", "cols", "rows", "mkl", "dense")
 
 # The threads' accumulators for one token tile together stay below this (L3 is 32 MiB):
 # at 8192 tokens a whole-output accumulator streamed from memory and ran 3× slower.
@@ -79,10 +80,17 @@ def forward_stored(x: torch.Tensor, values: torch.Tensor, order: str, index, bia
     `strategy` "auto" picks the formulation for this call's row count (kernels/cost.py);
     blocks stored by column go to the column panels without a gather. `layout` "c": the
     block-rows path writes Y row-major (the caller makes any other result contiguous)."""
+    r = int(values.shape[1])
+    has_native = native.supports(r, x.dtype, x.device)
     if strategy == "auto":
         nnz, (r, c), (R, C) = values.shape[0], tuple(values.shape[1:]), shape
         density = nnz / max(1, (-(-R // r)) * (-(-C // c)))
-        strategy = choose_cpu_strategy(x.shape[0], (R, C), (r, c), density, x.dtype)
+        strategy = choose_cpu_strategy(x.shape[0], (R, C), (r, c), density, x.dtype, native=has_native)
+    if strategy == "native":
+        crow, col, row, tcrow, trow, tperm = index
+        if has_native:
+            return native.forward(x, values, order, crow, col, tperm, bias, shape, layout=layout)
+        strategy = "rows"                 # built elsewhere, or no compiler here: the same product in torch
     if strategy == "cols" and order == "col":
         crow, col, row, tcrow, trow, tperm = index
         return forward_columns(x, values, tcrow, trow, shape, bias)
@@ -182,6 +190,11 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
         yt = (w @ _token_minor(x, gc * c, cd))[:R]
         y = yt.t()
         return (y if bias is None else y + bias.to(cd)).to(out_dtype)
+    if strategy == "native":
+        if not native.supports(r, x.dtype, x.device):
+            why = native.why_unavailable() or f"{r}-row blocks on {x.dtype}"
+            raise ValueError(f"the native CPU kernel cannot compute this layer ({why})")
+        return native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, bias, bsm.shape, layout="t")
     if strategy == "rows":
         return forward_rows(x, bsm.values, "row", (bsm.crow, bsm.col, bsm.row, bsm.tcrow, bsm.trow, bsm.tperm),
                             bias, bsm.shape)

@@ -39,7 +39,7 @@ from planc.blocks import BlockView
 from planc.kernels.conv import BlockSparseConv2d
 from planc.kernels.cost import predict_speedup
 from planc.kernels.format import BlockSparseMatrix
-from planc.kernels import backends
+from planc.kernels import backends, native
 from planc.kernels.ops import BlockSparseLinear
 from planc.timing import interleaved
 
@@ -319,13 +319,16 @@ def _settle_layouts(g: fx.GraphModule) -> None:
     only when every use of its output reaches other lowered linear layers (through
     layout-keeping elementwise ops); otherwise it returns a contiguous Y. On that layout
     scaled-dot-product attention left its fused kernel for the math path (5× slower a call
-    in the MiniLM) and the residual adds and layer norms copied."""
+    in the MiniLM) and the residual adds and layer norms copied. Where the native CPU
+    kernel computes the layer, every output is contiguous: it reads and writes Y
+    row-major at full speed, and a token-minor X strides its reads by a whole row."""
     for node in g.graph.nodes:
         lin = _lowered_linear(g, node)
         if lin is None:
             continue
         backend = backends.resolve(lin.backend, lin.values.device)
-        lin.contiguous_output = backend.transposed_output and not _feeds_only_lowered(g, node)
+        row_major = native.supports(lin.block[0], lin.values.dtype, lin.values.device)
+        lin.contiguous_output = backend.transposed_output and (row_major or not _feeds_only_lowered(g, node))
 
 
 def _feeds_only_lowered(g: fx.GraphModule, node: fx.Node) -> bool:

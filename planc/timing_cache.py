@@ -47,7 +47,7 @@ def cache_path() -> Optional[Path]:
 
 def machine_key() -> dict:
     """What besides the layer decides a timing: CPU model, torch build, threads, and the
-    kernels' own code (a digest of kernels/*.py: a changed kernel times afresh)."""
+    kernels' own code (a digest of kernels/*.py and *.c: a changed kernel times afresh)."""
     return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "kernels": _kernels_digest()}
 
@@ -55,7 +55,8 @@ def machine_key() -> dict:
 @functools.lru_cache(maxsize=1)
 def _kernels_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(planc.kernels.__file__).parent.glob("*.py")):
+    root = Path(planc.kernels.__file__).parent
+    for path in sorted([*root.glob("*.py"), *root.glob("*.c")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -1,0 +1,163 @@
+/* planc's native CPU block-sparse product, Y = X·Wᵀ + b, fp32 (kernels/native.py builds
+ * and loads it; kernels/cpu.py's "native" strategy calls it).
+ *
+ * Why C: the torch formulations (kernels/cpu.py) issue one MKL GEMM per kept block. With
+ * 32×32 blocks each such GEMM has K = 32, so every output element is loaded and stored
+ * once per kept block for only 32 multiply-adds, and MKL packs its operands anew on every
+ * call: on MiniLM at 90% those GEMMs ran at ~0.35 of the dense rate. Here a micro-tile of
+ * TT tokens × r outputs stays in vector registers across every kept block of its
+ * block-row, so each output is written once (a streaming store: no read of Y's lines
+ * first), and nothing is packed per call: a block is stored transposed (c × r, one row of
+ * r outputs per input feature), the order the loop reads.
+ *
+ * The caller (one thread per token range, GIL released by ctypes) owns the rows it
+ * writes. X and Y are addressed through strides, so a row-major X or the transposed view
+ * the other CPU paths return are read in place, and Y can be written row-major or as Yᵀ.
+ *
+ * Plain C with GCC vector extensions, compiled on the machine that runs it
+ * (-O3 -march=native): AVX-512 where the CPU has it, AVX2 or narrower otherwise.
+ */
+#include <stdint.h>
+#if defined(__x86_64__) && (defined(__AVX512F__) || defined(__AVX__))
+#include <immintrin.h>
+#define HAVE_STREAM 1
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16
+#define ACC_REGS 24
+#else
+#define VW 8
+#define ACC_REGS 12
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  /* unaligned access */
+
+static inline vf load(const float *p) { return *(const vfu *)p; }
+static inline void store(float *p, vf v) { *(vfu *)p = v; }
+
+/* A store that bypasses the cache where the address is aligned: Y is written once and
+ * not read here, and an ordinary store first reads each line of Y from memory. */
+static inline void store_stream(float *p, vf v) {
+#if defined(HAVE_STREAM) && VW == 16
+    if (((uintptr_t)p & 63) == 0) { _mm512_stream_ps(p, (__m512)v); return; }
+#elif defined(HAVE_STREAM) && VW == 8
+    if (((uintptr_t)p & 31) == 0) { _mm256_stream_ps(p, (__m256)v); return; }
+#endif
+    store(p, v);
+}
+
+/* Token tile: X rows for TB tokens (all their features) are reused across every
+ * block-row, so they should stay in L2 (64 × 1,536 fp32 = 384 KiB). */
+#define TB 64
+
+/* One micro-tile: tokens t .. t+TT-1 of block-row i; NV vectors of VW outputs = r. */
+#define MICRO(NV, TT)                                                                        \
+    static void micro_##NV##_##TT(const float *x, long st, long sf, long t, const float *wt, \
+                                  const int64_t *col, int64_t b0, int64_t b1, int c,         \
+                                  const float *bias, float *y, long yt, long yo) {           \
+        vf acc[TT][NV];                                                                      \
+        for (int v = 0; v < NV; v++) {                                                      \
+            vf init = bias ? load(bias + v * VW) : (vf){0};                                  \
+            for (int u = 0; u < TT; u++) acc[u][v] = init;                                   \
+        }                                                                                    \
+        const int r = NV * VW;                                                               \
+        for (int64_t b = b0; b < b1; b++) {                                                  \
+            const float *w = wt + b * (int64_t)c * r;                                        \
+            const float *xb = x + t * st + col[b] * (int64_t)c * sf;                         \
+            for (int k = 0; k < c; k++) {                                                    \
+                vf wv[NV];                                                                   \
+                for (int v = 0; v < NV; v++) wv[v] = load(w + k * r + v * VW);               \
+                for (int u = 0; u < TT; u++) {                                               \
+                    float xs = xb[u * st + k * sf];                                          \
+                    for (int v = 0; v < NV; v++) acc[u][v] += xs * wv[v];                    \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        if (yo == 1) {                                                                       \
+            for (int u = 0; u < TT; u++)                                                     \
+                for (int v = 0; v < NV; v++) store_stream(y + (t + u) * yt + v * VW, acc[u][v]);    \
+        } else {                                                                             \
+            for (int u = 0; u < TT; u++)                                                     \
+                for (int v = 0; v < NV; v++) {                                               \
+                    float tmp[VW];                                                           \
+                    store(tmp, acc[u][v]);                                                   \
+                    for (int e = 0; e < VW; e++) y[(t + u) * yt + (v * VW + e) * yo] = tmp[e]; \
+                }                                                                            \
+        }                                                                                    \
+    }
+
+typedef void (*micro_fn)(const float *, long, long, long, const float *, const int64_t *, int64_t,
+                         int64_t, int, const float *, float *, long, long);
+
+#define KERNELS(NV) MICRO(NV, 1) MICRO(NV, 2) MICRO(NV, 4) MICRO(NV, 8) MICRO(NV, 3) MICRO(NV, 6)
+KERNELS(1)
+KERNELS(2)
+KERNELS(4)
+KERNELS(8)
+
+static micro_fn pick(int nv, int tt) {
+#define CASE(NV)                                   \
+    if (nv == NV) {                                \
+        if (tt == 8) return micro_##NV##_8;        \
+        if (tt == 6) return micro_##NV##_6;        \
+        if (tt == 4) return micro_##NV##_4;        \
+        if (tt == 3) return micro_##NV##_3;        \
+        if (tt == 2) return micro_##NV##_2;        \
+        return micro_##NV##_1;                     \
+    }
+    CASE(1) CASE(2) CASE(4) CASE(8)
+#undef CASE
+    return 0;
+}
+
+/* The widest micro-tile that fits the accumulator registers. */
+static int tile_tokens(int nv) {
+    int tt = ACC_REGS / nv;
+    if (tt >= 8) return 8;
+    if (tt >= 6) return 6;
+    if (tt >= 4) return 4;
+    if (tt >= 3) return 3;
+    if (tt >= 2) return 2;
+    return 1;
+}
+
+/* The output block width this build handles (a multiple of its vector width, ≤ 8 vectors). */
+int planc_native_supports(int r) {
+    return r % VW == 0 && (r / VW == 1 || r / VW == 2 || r / VW == 4 || r / VW == 8);
+}
+
+int planc_native_vector_width(void) { return VW; }
+
+/* Y[t, :] for tokens t0 .. t1-1 (every block-row). X[t, f] = x[t*st + f*sf], f < gc*c (the
+ * caller pads a partial last block-column); Y[t, o] = y[t*yt + o*yo], o < gr*r (the caller
+ * pads a partial last block-row). wt: the kept blocks in block-row order, each c × r
+ * (transposed); crow (gr+1) and col (nnz) the block-row pointers and block-columns; bias
+ * (gr*r) or NULL. Returns 0, or -1 if r is not supported by this build. */
+int planc_bsr_rows_f32(const float *x, long st, long sf, long t0, long t1, const float *wt,
+                       const int64_t *crow, const int64_t *col, long gr, int r, int c,
+                       const float *bias, float *y, long yt, long yo) {
+    if (!planc_native_supports(r)) return -1;
+    const int nv = r / VW, tt = tile_tokens(nv);
+    micro_fn full = pick(nv, tt), one = pick(nv, 1);
+    for (long a = t0; a < t1; a += TB) {
+        const long e = a + TB < t1 ? a + TB : t1;
+        for (long i = 0; i < gr; i++) {
+            const float *bi = bias ? bias + i * r : 0;
+            float *yi = y + i * (long)r * yo;
+            long t = a;
+            if (crow[i] == crow[i + 1] && !bi) {           /* an all-pruned block-row: zeros */
+                for (; t < e; t++)
+                    for (int o = 0; o < r; o++) yi[t * yt + o * yo] = 0.0f;
+                continue;
+            }
+            for (; t + tt <= e; t += tt) full(x, st, sf, t, wt, col, crow[i], crow[i + 1], c, bi, yi, yt, yo);
+            for (; t < e; t++) one(x, st, sf, t, wt, col, crow[i], crow[i + 1], c, bi, yi, yt, yo);
+        }
+    }
+#ifdef HAVE_STREAM
+    _mm_sfence();                                         /* the streamed stores, visible to other threads */
+#endif
+    return 0;
+}

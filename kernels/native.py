@@ -1,0 +1,199 @@
+"""The native CPU block-sparse product (kernels/native.c): built on first use with the
+machine's C compiler, loaded with ctypes, called from kernels/cpu.py's "native" strategy.
+
+Why not a torch C++ extension: that needs ninja and compiles torch's headers (a minute
+and more); this is one C file with no includes beyond <stdint.h>, built in about a
+second, and ctypes releases the GIL during the call, so the CPU path's thread pool runs
+one token range per core.
+
+The library is built for the CPU at hand (-march=native) and cached under
+`$PLANC_NATIVE_CACHE`, else `$XDG_CACHE_HOME/planc/native` (`~/.cache/planc/native`),
+named by a digest of the source, the compiler's version, the flags and the CPU's flags,
+so a changed source, compiler or machine builds anew. The build writes a temporary file
+and renames it: two processes building at once both end with a whole library.
+
+Not available — and every caller falls back to the torch formulations — when
+`PLANC_NATIVE=0`, when there is no C compiler (`$CC`, cc, gcc or clang), when the build
+fails, or off Linux/macOS; `why_unavailable()` says which.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from planc.kernels.format import inverse
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=gnu11"]
+_reason: Optional[str] = None
+
+
+def cache_dir() -> Path:
+    value = os.environ.get("PLANC_NATIVE_CACHE")
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "planc" / "native"
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux), else its name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise OSError(f"{Path(cc).name} failed: {' '.join(done.stderr.split())[:300]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded library, built first if needed; None when unavailable (see why_unavailable)."""
+    global _reason
+    if os.environ.get("PLANC_NATIVE", "1") == "0":
+        _reason = "turned off by PLANC_NATIVE=0"
+        return None
+    if platform.system() not in ("Linux", "Darwin"):
+        _reason = f"not built on {platform.system()}"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _reason = "no C compiler found ($CC, cc, gcc, clang)"
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags(),
+                                        platform.machine()]).encode()).hexdigest()[:20]
+        target = cache_dir() / f"planc_native_{key}.so"
+        if not target.is_file():
+            _build(cc, target)
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:                      # a damaged file in the cache: build it again
+            _build(cc, target)
+            lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        _reason = f"build failed: {err}"
+        return None
+    vp, lg, it = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.planc_bsr_rows_f32.argtypes = [vp, lg, lg, lg, lg, vp, vp, vp, lg, it, it, vp, vp, lg, lg]
+    lib.planc_bsr_rows_f32.restype = it
+    lib.planc_native_supports.argtypes = [it]
+    lib.planc_native_supports.restype = it
+    return lib
+
+
+def why_unavailable() -> Optional[str]:
+    """None when the native kernel is available, else the reason in a few words."""
+    return None if library() is not None else _reason
+
+
+def supports(r: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the native kernel computes a layer with output blocks of r rows on x of
+    this dtype and device (fp32 on the CPU; r a multiple of the build's vector width)."""
+    lib = library() if device.type == "cpu" and dtype == torch.float32 else None
+    return lib is not None and bool(lib.planc_native_supports(int(r)))
+
+
+# The kept blocks, transposed and in block-row order, per layer: a layer's values change
+# only when trained, and repacking a 4096² layer's blocks cost as much as a third of its
+# product. Keyed by the tensor's identity; an entry is used only while the tensor lives
+# (a weak reference), still holds the same storage and has not been written since
+# (its version counter), and dropped when the tensor is freed.
+_PACKED: Dict[int, Tuple[Any, ...]] = {}
+
+
+def _packed(values: torch.Tensor, order: str, tperm: torch.Tensor) -> torch.Tensor:
+    try:
+        stamp = (values.data_ptr(), values._version, order, tperm.data_ptr())
+    except RuntimeError:                     # an inference tensor keeps no version: no cache
+        stamp = None
+    hit = _PACKED.get(id(values))
+    if stamp is not None and hit is not None and hit[0]() is values and hit[1] == stamp:
+        return hit[2]
+    with torch.no_grad():
+        blocks = values.detach() if order == "row" else values.detach()[inverse(tperm.long())]
+        wt = blocks.float().transpose(1, 2).contiguous()          # each block c × r
+    if stamp is not None:
+        key = id(values)
+        if hit is None or hit[0]() is not values:
+            weakref.finalize(values, _PACKED.pop, key, None)
+        _PACKED[key] = (weakref.ref(values), stamp, wt)
+    return wt
+
+
+def forward(x: torch.Tensor, values: torch.Tensor, order: str, crow: torch.Tensor, col: torch.Tensor,
+            tperm: torch.Tensor, bias: Optional[torch.Tensor], shape, layout: str = "c") -> torch.Tensor:
+    """Y = x·Wᵀ + bias for x (M, C) fp32 on the CPU, any strides. `values` (nnz, r, c) the
+    kept blocks stored in `order` ("row", or "col" with `tperm` the row→column
+    permutation, kernels/format.py), crow/col the block-row index. `layout` "c" returns Y
+    row-major, "t" Yᵀ's transposed view (what the other CPU paths return). The caller
+    checks `supports` first."""
+    from planc.kernels.cpu import _even_ranges, _run_parallel
+
+    lib = library()
+    (R, C), (r, c) = (int(v) for v in shape), (int(values.shape[1]), int(values.shape[2]))
+    gr, gc, M = -(-R // r), -(-C // c), x.shape[0]
+    wt = _packed(values, order, tperm)
+    x = x.detach()
+    if gc * c != C:                                               # a partial last block-column
+        x = F.pad(x, (0, gc * c - C))
+    b = None if bias is None else F.pad(bias.detach().float(), (0, gr * r - R)).contiguous()
+    crow, col = crow.contiguous().long(), col.contiguous().long()
+    if layout == "c":
+        y = torch.empty(M, gr * r, dtype=torch.float32)
+        y_t, y_o = gr * r, 1
+    else:
+        y = torch.empty(gr * r, M, dtype=torch.float32)
+        y_t, y_o = 1, M
+    args = (x.data_ptr(), x.stride(0), x.stride(1))
+    rest = (wt.data_ptr(), crow.data_ptr(), col.data_ptr(), gr, r, c, None if b is None else b.data_ptr(),
+            y.data_ptr(), y_t, y_o)
+    if M:
+        # tokens split evenly (a multiple of 8 per thread, the widest micro-tile), every
+        # thread all block-rows: no thread waits on another's rows
+        parts = max(1, min(torch.get_num_threads(), -(-M // 64)))
+        cuts = [min(M, 8 * (-(-a // 8))) for a, _ in _even_ranges(M, parts)] + [M]
+
+        def task(a: int, e: int):
+            return lambda: lib.planc_bsr_rows_f32(*args, a, e, *rest)
+
+        _run_parallel([task(a, e) for a, e in zip(cuts[:-1], cuts[1:]) if e > a])
+    if layout == "c":
+        return y if gr * r == R else y[:, :R].contiguous()
+    return y[:R].t()

@@ -1,0 +1,136 @@
+"""The native CPU kernel (kernels/native.c) against float64 references: every layout,
+input stride, partial edge block, empty block-row and token count the threads split;
+its packed-weight cache; and the fallbacks when it cannot be built."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from planc.kernels import cpu, native
+from planc.kernels.format import BlockSparseMatrix
+
+from _kernel_cases import SHAPES, SPARSITIES, TOL, make, rel_err
+
+needs_native = pytest.mark.skipif(native.why_unavailable() is not None,
+                                  reason=f"native kernel unavailable: {native.why_unavailable()}")
+
+
+def supported(block) -> bool:
+    return native.supports(block[0], torch.float32, torch.device("cpu"))
+
+
+def index_of(bsm: BlockSparseMatrix):
+    return (bsm.crow, bsm.col, bsm.row, bsm.tcrow, bsm.trow, bsm.tperm)
+
+
+@needs_native
+@pytest.mark.parametrize("R,C,block", [s for s in SHAPES if s[2][0] % 8 == 0])   # vector-wide rows
+@pytest.mark.parametrize("sparsity", SPARSITIES + [0.9])
+@pytest.mark.parametrize("layout", ["c", "t"])
+@pytest.mark.parametrize("x_layout", ["rows", "transposed", "strided"])
+@pytest.mark.parametrize("M", [0, 1, 7, 37, 203])
+def test_native_matches_float64_reference(R, C, block, sparsity, layout, x_layout, M):
+    if not supported(block):
+        pytest.skip(f"{block[0]}-row blocks are not a multiple of this build's vector width")
+    bsm, alive = make(R, C, block, sparsity, torch.float32, seed=R + C + M)
+    g = torch.Generator().manual_seed(M)
+    x64 = torch.randn(M, C, generator=g, dtype=torch.float64)
+    x = {"rows": x64.float(),
+         "transposed": x64.float().t().contiguous().t(),            # what the other CPU paths return
+         "strided": torch.cat([x64.float(), x64.float()], 1)[:, :C]}[x_layout]
+    bias = torch.randn(R, generator=g, dtype=torch.float64)
+    ref = x64 @ bsm.to_dense().double().t() + bias
+    for order, values in (("row", bsm.values), ("col", bsm.grouped_by_column())):
+        y = native.forward(x, values, order, bsm.crow, bsm.col, bsm.tperm, bias.float(), (R, C), layout=layout)
+        assert y.shape == (M, R) and y.dtype == torch.float32
+        assert y.is_contiguous() if layout == "c" else y.t().is_contiguous()
+        assert rel_err(y, ref) <= TOL[torch.float32], (order, rel_err(y, ref))
+    y = native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, None, (R, C), layout=layout)
+    assert rel_err(y, ref - bias) <= TOL[torch.float32]
+
+
+@needs_native
+def test_native_split_over_threads_matches_one_thread():
+    bsm, _ = make(256, 192, (32, 32), 0.7, torch.float32, seed=5)
+    x = torch.randn(1000, 192)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
+        torch.set_num_threads(3)
+        three = native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, three)          # each token's sums in the same order: bitwise
+
+
+@needs_native
+def test_packed_blocks_follow_in_place_changes_of_the_values():
+    """The packed copy is reused only while the values are unchanged (version counter)."""
+    bsm, _ = make(64, 64, (32, 32), 0.0, torch.float32, seed=1)
+    values = bsm.values.clone()
+    x = torch.randn(16, 64)
+    first = native.forward(x, values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
+    with torch.no_grad():
+        values.mul_(2)
+    second = native.forward(x, values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
+    assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_auto_takes_native_for_sparse_fp32_and_the_op_is_exact():
+    from planc.kernels.cost import choose_cpu_strategy
+    assert choose_cpu_strategy(4096, (384, 384), (32, 32), 0.1, native=True) == "native"
+    assert choose_cpu_strategy(4096, (384, 384), (32, 32), 0.1, native=False) != "native"
+    assert choose_cpu_strategy(4096, (384, 384), (32, 32), 0.95, native=True) != "native"
+    bsm, _ = make(96, 64, (32, 32), 0.6, torch.float32, seed=2)
+    x = torch.randn(50, 64, dtype=torch.float64)
+    ref = x @ bsm.to_dense().double().t()
+    for layout in ("c", "t"):
+        y = cpu.forward_stored(x.float(), bsm.values, "row", index_of(bsm), None, bsm.shape, "native", layout=layout)
+        assert rel_err(y, ref) <= TOL[torch.float32]
+
+
+def test_without_the_native_kernel_the_strategy_falls_back(monkeypatch):
+    """A layer asked to run "native" where it cannot (no compiler, another dtype) still
+    computes its product, through the torch formulation of the same loop."""
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert not native.supports(32, torch.float32, torch.device("cpu"))
+    bsm, _ = make(64, 96, (32, 32), 0.6, torch.float32, seed=3)
+    x = torch.randn(20, 96, dtype=torch.float64)
+    y = cpu.forward_stored(x.float(), bsm.values, "row", index_of(bsm), None, bsm.shape, "native")
+    assert rel_err(y, x @ bsm.to_dense().double().t()) <= TOL[torch.float32]
+    with pytest.raises(ValueError, match="native CPU kernel"):
+        cpu.forward(x.float(), bsm, strategy="native")
+
+
+def _fresh_process(env_extra, tmp_path):
+    """why_unavailable() in a new process (library() is cached per process)."""
+    import os
+
+    env = dict(os.environ, PLANC_NATIVE_CACHE=str(tmp_path / "native"), **env_extra)
+    code = "from planc.kernels import native; print(native.why_unavailable())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_unavailable_is_said_in_words(tmp_path):
+    off = _fresh_process({"PLANC_NATIVE": "0"}, tmp_path)
+    assert off.returncode == 0 and "PLANC_NATIVE=0" in off.stdout
+    failing = tmp_path / "bad-cc"
+    failing.write_text("#!/bin/sh\necho 'no such thing' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    broken = _fresh_process({"CC": str(failing)}, tmp_path)
+    assert broken.returncode == 0 and "build failed" in broken.stdout, broken.stdout + broken.stderr
+    assert not list((tmp_path / "native").glob("*.so"))          # nothing half-built left
+
+
+@needs_native
+def test_a_damaged_library_in_the_cache_is_rebuilt(tmp_path):
+    first = _fresh_process({}, tmp_path)
+    assert first.stdout.strip() == "None", first.stdout + first.stderr
+    (built,) = (tmp_path / "native").glob("*.so")
+    built.write_bytes(b"\x7fELF not really")
+    again = _fresh_process({}, tmp_path)
+    assert again.stdout.strip() == "None", again.stdout + again.stderr
+    assert built.stat().st_size > 1000
