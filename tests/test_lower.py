@@ -14,6 +14,7 @@ from planc import meta as M  # noqa: E402
 from planc.blocks import BlockView  # noqa: E402
 from planc.examples.digits import cnn, mlp  # noqa: E402
 from planc.kernels.conv import BlockSparseConv2d  # noqa: E402
+from planc.kernels import native  # noqa: E402
 from planc.kernels.ops import BlockSparseLinear  # noqa: E402
 from planc.passes.lower import LowerConfig, LowerPass, format_report, report  # noqa: E402
 
@@ -238,9 +239,11 @@ def test_lower_minilm_matches_baked():
 
 
 @pytest.mark.parametrize("frontend", ["symbolic", "export"])
-def test_a_lowered_layer_returns_the_layout_its_users_want(frontend):
-    # layers.0 -> relu -> layers.2 (lowered): the transposed view the next kernel reads;
-    # layers.2 -> relu -> head (dense): a contiguous output
+def test_a_lowered_layer_returns_the_layout_its_users_want(frontend, monkeypatch):
+    # without the native kernel (the torch formulations): layers.0 -> relu -> layers.2
+    # (lowered) returns the transposed view the next kernel reads; layers.2 -> relu -> head
+    # (dense) a contiguous output
+    monkeypatch.setattr(native, "library", lambda: None)
     torch.manual_seed(0)
     model = prune(mlp(hidden=256), (16, 16), 0.9)
     baked = trace(model, torch.randn(32, 64), frontend)
@@ -252,4 +255,18 @@ def test_a_lowered_layer_returns_the_layout_its_users_want(frontend):
     x = torch.randn(32, 64)
     with torch.no_grad():
         assert second(torch.relu(first(x))).is_contiguous() and not first(x).is_contiguous()
+        assert rel(lowered(x), baked(x)) <= 1e-5
+
+
+@pytest.mark.skipif(native.why_unavailable() is not None, reason="native kernel unavailable")
+def test_where_the_native_kernel_runs_every_lowered_output_is_row_major():
+    torch.manual_seed(0)
+    model = prune(mlp(hidden=256), (16, 16), 0.9)
+    baked = trace(model, torch.randn(32, 64), "symbolic")
+    lowered = planc.lower(baked, backend="cpu", min_speedup=0, blocks=(16, 16))
+    inner = [m for m in lowered.modules() if isinstance(m, BlockSparseLinear)]
+    assert len(inner) == 2 and all(m.contiguous_output for m in inner)
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        assert all(m(torch.randn(32, m.in_features)).is_contiguous() for m in inner)
         assert rel(lowered(x), baked(x)) <= 1e-5
