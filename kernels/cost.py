@@ -29,6 +29,12 @@ _CPU_SCATTER_BYTES_PER_S = 1.4e10
 _CPU_COL_CALL_S = 1.0e-5
 _CPU_COLS_OVERHEAD_S = 1.0e-4
 _CPU_BSR_FLOPS = 4.0e10
+# the native kernel, per core: its rate on the kept blocks' multiply-adds (the dense
+# rate at 12+ kept blocks a block-row, 0.4–0.8 of it at 1–5), its streamed output and
+# its fixed cost (packing check, ctypes call, thread hand-off): benchmarks/native_speed.py
+_CPU_NATIVE_FLOPS = 8.0e10
+_CPU_NATIVE_STORE_BYTES_PER_S = 1.2e10
+_CPU_NATIVE_OVERHEAD_S = 3.0e-5
 # GPU (assumed, unmeasured here): fraction of the ideal speedup by padded block size.
 _GPU_EFF = {16: 0.3, 32: 0.5, 64: 0.75, 128: 0.8}
 _GPU_LAUNCH_S = 8e-6
@@ -81,7 +87,24 @@ def predict(tokens: int, shape, block, density: float, dtype: torch.dtype = torc
         sparse = 2.0 * tokens * nnz * r * c / (peak * eff) + _GPU_LAUNCH_S
         return Prediction(backend, dense, sparse)
     dense = flops / _CPU_DENSE_FLOPS + _CPU_DENSE_OVERHEAD_S
-    return Prediction("cpu", dense, min(_cpu_cols_s(tokens, gr, gc, nnz, r, c), _cpu_bsr_s(tokens, nnz, r, c, dtype)))
+    sparse = min(_cpu_cols_s(tokens, gr, gc, nnz, r, c), _cpu_bsr_s(tokens, nnz, r, c, dtype))
+    if density <= NATIVE_MAX_DENSITY and _native_supports(r, dtype):
+        sparse = min(sparse, _cpu_native_s(tokens, gr, nnz, r, c))
+    return Prediction("cpu", dense, sparse)
+
+
+def _native_supports(r: int, dtype: torch.dtype) -> bool:
+    from planc.kernels import native            # builds the kernel on first use
+
+    return native.supports(r, dtype, torch.device("cpu"))
+
+
+def _cpu_native_s(tokens: int, gr: int, nnz: float, r: int, c: int) -> float:
+    """The native kernel (kernels/native.c): its multiply-adds at a core's rate, each
+    output written once (streamed), token ranges split over the threads."""
+    parts = max(1, min(torch.get_num_threads(), -(-tokens // 64)))
+    per_thread = (2.0 * tokens * nnz * r * c / _CPU_NATIVE_FLOPS + 4.0 * tokens * gr * r / _CPU_NATIVE_STORE_BYTES_PER_S)
+    return per_thread / parts + _CPU_NATIVE_OVERHEAD_S
 
 
 def _cpu_cols_s(tokens: int, gr: int, gc: int, nnz: float, r: int, c: int) -> float:
@@ -109,17 +132,20 @@ def predict_speedup(tokens: int, shape, block, density: float, dtype: torch.dtyp
 
 
 def choose_cpu_strategy(tokens: int, shape, block, density: float, dtype: torch.dtype = torch.float32,
-                        native: bool = False) -> str:
+                        native: bool | None = None) -> str:
     """The CPU formulation for one call: the fastest of column panels ("cols"), torch.sparse
     BSR ("mkl") and a dense GEMM over the materialised weight ("dense"; small or dense
     layers) by the model above; then "rows" instead of a sparse choice for many tokens
     and few kept blocks per block-row (the rule below). With the threaded column
     panels, "mkl" is predicted (and measured) slower at every block size this was
-    measured at (16–64)."""
+    measured at (16–64). Before all of them, "native" where it is built for this block
+    and dtype (`native` None: ask kernels/native.py) and the layer is sparse enough."""
     if density <= 0.0:
         return "cols"
     if density >= 1.0:
         return "dense"
+    if native is None:
+        native = _native_supports(int(block[0]), dtype)
     if native and density <= NATIVE_MAX_DENSITY:
         return "native"
     (R, C), (r, c) = (int(s) for s in shape), (int(b) for b in block)

@@ -168,7 +168,9 @@ def forward_rows(x: torch.Tensor, values: torch.Tensor, order: str, index, bias:
 
 def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None = None,
             strategy: str = "cols") -> torch.Tensor:
-    """Y = x·Wᵀ + bias for x (M, C); returns (M, R) in x's dtype."""
+    """Y = x·Wᵀ + bias for x (M, C); returns (M, R) in x's dtype: Yᵀ's transposed view,
+    except "native", which writes Y row-major (the op, kernels/library.py, fixes the layout
+    its callers get)."""
     _check(x, bsm, bias)
     out_dtype, cd = x.dtype, compute_dtype(x.dtype)
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
@@ -194,7 +196,7 @@ def forward(x: torch.Tensor, bsm: BlockSparseMatrix, bias: torch.Tensor | None =
         if not native.supports(r, x.dtype, x.device):
             why = native.why_unavailable() or f"{r}-row blocks on {x.dtype}"
             raise ValueError(f"the native CPU kernel cannot compute this layer ({why})")
-        return native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, bias, bsm.shape, layout="t")
+        return native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, bias, bsm.shape)
     if strategy == "rows":
         return forward_rows(x, bsm.values, "row", (bsm.crow, bsm.col, bsm.row, bsm.tcrow, bsm.trow, bsm.tperm),
                             bias, bsm.shape)

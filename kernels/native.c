@@ -10,8 +10,7 @@
  * first), and nothing is packed per call: a block is stored transposed (c × r, one row of
  * r outputs per input feature), the order the loop reads.
  *
- * The caller (one thread per token range, GIL released by ctypes) owns the rows it
- * writes. X and Y are addressed through strides, so a row-major X or the transposed view
+ * Threads split the tokens (each owns the rows of Y it writes; ctypes releases the GIL). X and Y are addressed through strides, so a row-major X or the transposed view
  * the other CPU paths return are read in place, and Y can be written row-major or as Yᵀ.
  *
  * Plain C with GCC vector extensions, compiled on the machine that runs it
@@ -135,10 +134,9 @@ int planc_native_vector_width(void) { return VW; }
  * pads a partial last block-row). wt: the kept blocks in block-row order, each c × r
  * (transposed); crow (gr+1) and col (nnz) the block-row pointers and block-columns; bias
  * (gr*r) or NULL. Returns 0, or -1 if r is not supported by this build. */
-int planc_bsr_rows_f32(const float *x, long st, long sf, long t0, long t1, const float *wt,
+static void rows_range(const float *x, long st, long sf, long t0, long t1, const float *wt,
                        const int64_t *crow, const int64_t *col, long gr, int r, int c,
                        const float *bias, float *y, long yt, long yo) {
-    if (!planc_native_supports(r)) return -1;
     const int nv = r / VW, tt = tile_tokens(nv);
     micro_fn full = pick(nv, tt), one = pick(nv, 1);
     for (long a = t0; a < t1; a += TB) {
@@ -159,5 +157,24 @@ int planc_bsr_rows_f32(const float *x, long st, long sf, long t0, long t1, const
 #ifdef HAVE_STREAM
     _mm_sfence();                                         /* the streamed stores, visible to other threads */
 #endif
+}
+
+/* The token range split over `threads` OpenMP threads, a multiple of 8 tokens each. The
+ * library links the libgomp torch has loaded (the same soname), so these are torch's own
+ * OpenMP threads: threads of our own would share the cores with torch's, which spin for
+ * a while after every parallel op (a 10 ms product took 17 ms right after a torch op). */
+int planc_bsr_rows_f32(const float *x, long st, long sf, long t0, long t1, const float *wt,
+                       const int64_t *crow, const int64_t *col, long gr, int r, int c,
+                       const float *bias, float *y, long yt, long yo, int threads) {
+    if (!planc_native_supports(r)) return -1;
+    if (threads < 1) threads = 1;
+    const long n = t1 - t0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int p = 0; p < threads; p++) {
+        long a = t0 + ((n * p / threads + 7) / 8) * 8, e = t0 + ((n * (p + 1) / threads + 7) / 8) * 8;
+        if (p == threads - 1 || e > t1) e = t1;
+        if (a > t1) a = t1;
+        if (e > a) rows_range(x, st, sf, a, e, wt, crow, col, gr, r, c, bias, y, yt, yo);
+    }
     return 0;
 }

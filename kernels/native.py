@@ -2,9 +2,10 @@
 machine's C compiler, loaded with ctypes, called from kernels/cpu.py's "native" strategy.
 
 Why not a torch C++ extension: that needs ninja and compiles torch's headers (a minute
-and more); this is one C file with no includes beyond <stdint.h>, built in about a
-second, and ctypes releases the GIL during the call, so the CPU path's thread pool runs
-one token range per core.
+and more); this is one C file, built in about a second. It splits the tokens over
+OpenMP threads, and since the library's libgomp is found by soname, the one torch has
+loaded serves it: the threads are torch's own, not a second pool competing with them
+for the cores.
 
 The library is built for the CPU at hand (-march=native) and cached under
 `$PLANC_NATIVE_CACHE`, else `$XDG_CACHE_HOME/planc/native` (`~/.cache/planc/native`),
@@ -68,11 +69,17 @@ def _cpu_flags() -> str:
 
 
 def _build(cc: str, target: Path) -> None:
+    """Compile with OpenMP (torch's libgomp serves it at run time); a compiler without
+    OpenMP builds it single-threaded."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        for extra in (["-fopenmp"], []):
+            done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                  timeout=120)
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             raise OSError(f"{Path(cc).name} failed: {' '.join(done.stderr.split())[:300]}")
         os.replace(tmp, target)
@@ -111,7 +118,7 @@ def library() -> Optional[ctypes.CDLL]:
         _reason = f"build failed: {err}"
         return None
     vp, lg, it = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.planc_bsr_rows_f32.argtypes = [vp, lg, lg, lg, lg, vp, vp, vp, lg, it, it, vp, vp, lg, lg]
+    lib.planc_bsr_rows_f32.argtypes = [vp, lg, lg, lg, lg, vp, vp, vp, lg, it, it, vp, vp, lg, lg, it]
     lib.planc_bsr_rows_f32.restype = it
     lib.planc_native_supports.argtypes = [it]
     lib.planc_native_supports.restype = it
@@ -164,8 +171,6 @@ def forward(x: torch.Tensor, values: torch.Tensor, order: str, crow: torch.Tenso
     permutation, kernels/format.py), crow/col the block-row index. `layout` "c" returns Y
     row-major, "t" Yᵀ's transposed view (what the other CPU paths return). The caller
     checks `supports` first."""
-    from planc.kernels.cpu import _even_ranges, _run_parallel
-
     lib = library()
     (R, C), (r, c) = (int(v) for v in shape), (int(values.shape[1]), int(values.shape[2]))
     gr, gc, M = -(-R // r), -(-C // c), x.shape[0]
@@ -181,19 +186,12 @@ def forward(x: torch.Tensor, values: torch.Tensor, order: str, crow: torch.Tenso
     else:
         y = torch.empty(gr * r, M, dtype=torch.float32)
         y_t, y_o = 1, M
-    args = (x.data_ptr(), x.stride(0), x.stride(1))
-    rest = (wt.data_ptr(), crow.data_ptr(), col.data_ptr(), gr, r, c, None if b is None else b.data_ptr(),
-            y.data_ptr(), y_t, y_o)
     if M:
-        # tokens split evenly (a multiple of 8 per thread, the widest micro-tile), every
-        # thread all block-rows: no thread waits on another's rows
-        parts = max(1, min(torch.get_num_threads(), -(-M // 64)))
-        cuts = [min(M, 8 * (-(-a // 8))) for a, _ in _even_ranges(M, parts)] + [M]
-
-        def task(a: int, e: int):
-            return lambda: lib.planc_bsr_rows_f32(*args, a, e, *rest)
-
-        _run_parallel([task(a, e) for a, e in zip(cuts[:-1], cuts[1:]) if e > a])
+        # the tokens split over torch's threads (none below 64 tokens a thread)
+        threads = max(1, min(torch.get_num_threads(), -(-M // 64)))
+        lib.planc_bsr_rows_f32(x.data_ptr(), x.stride(0), x.stride(1), 0, M, wt.data_ptr(), crow.data_ptr(),
+                               col.data_ptr(), gr, r, c, None if b is None else b.data_ptr(), y.data_ptr(), y_t, y_o,
+                               threads)
     if layout == "c":
         return y if gr * r == R else y[:, :R].contiguous()
     return y[:R].t()
