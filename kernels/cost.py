@@ -31,7 +31,8 @@ _CPU_COLS_OVERHEAD_S = 1.0e-4
 _CPU_BSR_FLOPS = 4.0e10
 # the native kernel, per core: its rate on the kept blocks' multiply-adds (the dense
 # rate at 12+ kept blocks a block-row, 0.4–0.8 of it at 1–5), its streamed output and
-# its fixed cost (packing check, ctypes call, thread hand-off): benchmarks/native_speed.py
+# its fixed cost (packing check, ctypes call, thread hand-off); fitted to
+# benchmarks/bench_cpu_linear.py and the MiniLM layers (docs/benchmarks.md, session 7)
 _CPU_NATIVE_FLOPS = 8.0e10
 _CPU_NATIVE_STORE_BYTES_PER_S = 1.2e10
 _CPU_NATIVE_OVERHEAD_S = 3.0e-5

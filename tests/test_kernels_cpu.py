@@ -260,12 +260,16 @@ def test_cost_model_is_monotone_and_sane():
     assert s == sorted(s, reverse=True)
     assert s[1] > 1.0 > predict_speedup(512, shape, (32, 32), 0.9)
     assert predict_speedup(8192, shape, (64, 64), 0.1, torch.bfloat16, "triton") > 1.0
-    assert choose_cpu_strategy(512, shape, (32, 32), 0.1) == "cols"
-    assert choose_cpu_strategy(512, shape, (32, 32), 1.0) == "dense"
+    # the torch formulations (no native kernel)
+    assert choose_cpu_strategy(512, shape, (32, 32), 0.1, native=False) == "cols"
+    assert choose_cpu_strategy(512, shape, (32, 32), 1.0, native=False) == "dense"
     # many tokens, few kept blocks per block-row: the block-rows path; many kept: columns
-    assert choose_cpu_strategy(8192, (384, 1536), (32, 32), 0.1) == "rows"
-    assert choose_cpu_strategy(8192, (384, 1536), (32, 32), 0.3) == "cols"
-    assert choose_cpu_strategy(512, (384, 384), (32, 32), 0.1) != "rows"
+    assert choose_cpu_strategy(8192, (384, 1536), (32, 32), 0.1, native=False) == "rows"
+    assert choose_cpu_strategy(8192, (384, 1536), (32, 32), 0.3, native=False) == "cols"
+    assert choose_cpu_strategy(512, (384, 384), (32, 32), 0.1, native=False) != "rows"
+    # with it: every sparse layer, and still dense when nothing is pruned
+    assert choose_cpu_strategy(512, shape, (32, 32), 0.1, native=True) == "native"
+    assert choose_cpu_strategy(512, shape, (32, 32), 1.0, native=True) == "dense"
 
 
 @pytest.mark.parametrize("order", ["row", "col"])
