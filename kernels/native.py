@@ -68,7 +68,7 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, target: Path, flags=FLAGS) -> None:
     """Compile with OpenMP (torch's libgomp serves it at run time); a compiler without
     OpenMP builds it single-threaded."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def _build(cc: str, target: Path) -> None:
     os.close(fd)
     try:
         for extra in (["-fopenmp"], []):
-            done = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+            done = subprocess.run([cc, *flags, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                   timeout=120)
             if done.returncode == 0:
                 break
@@ -110,18 +110,24 @@ def library() -> Optional[ctypes.CDLL]:
         if not target.is_file():
             _build(cc, target)
         try:
-            lib = ctypes.CDLL(str(target))
+            return load(target)
         except OSError:                      # a damaged file in the cache: build it again
             _build(cc, target)
-            lib = ctypes.CDLL(str(target))
+            return load(target)
     except (OSError, subprocess.SubprocessError) as err:
         _reason = f"build failed: {err}"
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library, its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
     vp, lg, it = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.planc_bsr_rows_f32.argtypes = [vp, lg, lg, lg, lg, vp, vp, vp, lg, it, it, vp, vp, lg, lg, it]
     lib.planc_bsr_rows_f32.restype = it
     lib.planc_native_supports.argtypes = [it]
     lib.planc_native_supports.restype = it
+    lib.planc_native_vector_width.restype = it
     return lib
 
 

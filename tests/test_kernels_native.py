@@ -134,3 +134,29 @@ def test_a_damaged_library_in_the_cache_is_rebuilt(tmp_path):
     again = _fresh_process({}, tmp_path)
     assert again.stdout.strip() == "None", again.stdout + again.stderr
     assert built.stat().st_size > 1000
+
+
+@needs_native
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])
+def test_narrower_vector_builds_match_the_reference(march, tmp_path, monkeypatch):
+    """The AVX2 (8-wide vectors, 12 accumulators) and SSE builds another CPU gets, built
+    and run here: every micro-tile width and block size they take."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 builds")
+    flags = [f if f != "-march=native" else f"-march={march}" for f in native.FLAGS]
+    target = tmp_path / "narrow.so"
+    native._build(native._compiler(), target, flags)
+    lib = native.load(target)
+    assert lib.planc_native_vector_width() == 8       # no AVX-512: 8-float vectors (SSE: in pairs)
+    monkeypatch.setattr(native, "library", lambda: lib)
+    for R, C, block in [(64, 96, (32, 32)), (48, 64, (16, 16)), (33, 50, (8, 8)), (128, 128, (64, 64))]:
+        bsm, _ = make(R, C, block, 0.6, torch.float32, seed=R)
+        x = torch.randn(45, C, dtype=torch.float64)
+        bias = torch.randn(R, dtype=torch.float64)
+        ref = x @ bsm.to_dense().double().t() + bias
+        for layout in ("c", "t"):
+            y = native.forward(x.float(), bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, bias.float(), (R, C),
+                               layout=layout)
+            assert rel_err(y, ref) <= TOL[torch.float32], (march, block, layout)
