@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from planc.kernels import native
-from planc.kernels.cost import choose_cpu_strategy, thread_parts
+from planc.kernels.cost import NATIVE_MAX_DENSITY, choose_cpu_strategy, thread_parts
 from planc.kernels.format import BlockSparseMatrix, inverse
 
 STRATEGIES = ("native", "cols", "rows", "mkl", "dense")
@@ -392,13 +392,16 @@ def _call_in_mode(task, inference: bool) -> None:
 
 
 def grad_input(dy: torch.Tensor, bsm: BlockSparseMatrix) -> torch.Tensor:
-    """dX = dY·W for dy (M, R); returns (M, C). Block-rows of W are the column panels
-    of Wᵀ, so this is forward's scheme through the row pointers."""
+    """dX = dY·W for dy (M, R); returns (M, C). The native kernel over the transposed
+    index where it runs (row-major dX); else block-rows of W are the column panels of
+    Wᵀ, forward's scheme through the row pointers (dX's transposed view)."""
     if dy.dim() != 2 or dy.shape[1] != bsm.shape[0]:
         raise ValueError(f"expected dy of shape (M, {bsm.shape[0]}), got {tuple(dy.shape)}")
     out_dtype, cd = dy.dtype, compute_dtype(dy.dtype)
     (R, C), (r, c), (gr, gc) = bsm.shape, bsm.block, bsm.grid
     M = dy.shape[0]
+    if bsm.density <= NATIVE_MAX_DENSITY and native.supports(c, dy.dtype, dy.device):
+        return native.grad_input(dy, bsm.values, "row", bsm.tcrow, bsm.trow, bsm.tperm, bsm.shape)
     dxt = torch.empty(gc, c, M, dtype=cd, device=dy.device)
     panels = bsm.values.detach().to(cd).transpose(1, 2).reshape(bsm.nnz * c, r)   # Wᵀ blocks
     accumulate_panels(dxt, None, panels, dy.detach().to(cd).t(), bsm.crow, bsm.col, c, r)

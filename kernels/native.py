@@ -143,31 +143,65 @@ def supports(r: int, dtype: torch.dtype, device: torch.device) -> bool:
     return lib is not None and bool(lib.planc_native_supports(int(r)))
 
 
-# The kept blocks, transposed and in block-row order, per layer: a layer's values change
+# The kept blocks as the kernel reads them, per layer and product: a layer's values change
 # only when trained, and repacking a 4096² layer's blocks cost as much as a third of its
-# product. Keyed by the tensor's identity; an entry is used only while the tensor lives
-# (a weak reference), still holds the same storage and has not been written since
-# (its version counter), and dropped when the tensor is freed.
-_PACKED: Dict[int, Tuple[Any, ...]] = {}
+# product. Keyed by the tensor's identity and the product; an entry is used only while
+# the tensor lives (a weak reference), still holds the same storage and has not been
+# written since (its version counter), and dropped when the tensor is freed.
+_PACKED: Dict[Tuple[int, str], Tuple[Any, ...]] = {}
 
 
-def _packed(values: torch.Tensor, order: str, tperm: torch.Tensor) -> torch.Tensor:
+def _packed(values: torch.Tensor, order: str, tperm: torch.Tensor, product: str) -> torch.Tensor:
+    """`product` "forward": each block transposed (c × r), in block-row order; "grad_input":
+    each block as stored (r × c), in block-column order (the transposed index's)."""
     try:
         stamp = (values.data_ptr(), values._version, order, tperm.data_ptr())
     except RuntimeError:                     # an inference tensor keeps no version: no cache
         stamp = None
-    hit = _PACKED.get(id(values))
+    key = (id(values), product)
+    hit = _PACKED.get(key)
     if stamp is not None and hit is not None and hit[0]() is values and hit[1] == stamp:
         return hit[2]
     with torch.no_grad():
-        blocks = values.detach() if order == "row" else values.detach()[inverse(tperm.long())]
-        wt = blocks.float().transpose(1, 2).contiguous()          # each block c × r
+        v = values.detach().float()
+        if product == "forward":
+            packed = (v if order == "row" else v[inverse(tperm.long())]).transpose(1, 2).contiguous()
+        else:
+            packed = (v[tperm.long()] if order == "row" else v).contiguous()
     if stamp is not None:
-        key = id(values)
         if hit is None or hit[0]() is not values:
             weakref.finalize(values, _PACKED.pop, key, None)
-        _PACKED[key] = (weakref.ref(values), stamp, wt)
-    return wt
+        _PACKED[key] = (weakref.ref(values), stamp, packed)
+    return packed
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, groups: int,
+             width_out: int, width_in: int, n_in: int, n_out: int, bias: Optional[torch.Tensor],
+             layout: str) -> torch.Tensor:
+    """out[t, g·w_out:(g+1)·w_out] = bias_g + Σ_b x[t, idx_b·w_in:(idx_b+1)·w_in] · packed_b over
+    the blocks b of output group g (ptr[g] to ptr[g+1]); x (M, n_in), out (M, n_out)."""
+    M = x.shape[0]
+    x = x.detach()
+    in_groups = -(-n_in // width_in)
+    if in_groups * width_in != n_in:                         # a partial last input group
+        x = F.pad(x, (0, in_groups * width_in - n_in))
+    b = None if bias is None else F.pad(bias.detach().float(), (0, groups * width_out - n_out)).contiguous()
+    ptr, idx = ptr.contiguous().long(), idx.contiguous().long()
+    if layout == "c":
+        y = torch.empty(M, groups * width_out, dtype=torch.float32)
+        y_t, y_o = groups * width_out, 1
+    else:
+        y = torch.empty(groups * width_out, M, dtype=torch.float32)
+        y_t, y_o = 1, M
+    if M:
+        # the tokens split over torch's threads (none below 64 tokens a thread)
+        threads = max(1, min(torch.get_num_threads(), -(-M // 64)))
+        library().planc_bsr_rows_f32(x.data_ptr(), x.stride(0), x.stride(1), 0, M, packed.data_ptr(),
+                                     ptr.data_ptr(), idx.data_ptr(), groups, width_out, width_in,
+                                     None if b is None else b.data_ptr(), y.data_ptr(), y_t, y_o, threads)
+    if layout == "c":
+        return y if groups * width_out == n_out else y[:, :n_out].contiguous()
+    return y[:n_out].t()
 
 
 def forward(x: torch.Tensor, values: torch.Tensor, order: str, crow: torch.Tensor, col: torch.Tensor,
@@ -176,28 +210,15 @@ def forward(x: torch.Tensor, values: torch.Tensor, order: str, crow: torch.Tenso
     kept blocks stored in `order` ("row", or "col" with `tperm` the row→column
     permutation, kernels/format.py), crow/col the block-row index. `layout` "c" returns Y
     row-major, "t" Yᵀ's transposed view (what the other CPU paths return). The caller
-    checks `supports` first."""
-    lib = library()
+    checks `supports(r, ...)` first."""
     (R, C), (r, c) = (int(v) for v in shape), (int(values.shape[1]), int(values.shape[2]))
-    gr, gc, M = -(-R // r), -(-C // c), x.shape[0]
-    wt = _packed(values, order, tperm)
-    x = x.detach()
-    if gc * c != C:                                               # a partial last block-column
-        x = F.pad(x, (0, gc * c - C))
-    b = None if bias is None else F.pad(bias.detach().float(), (0, gr * r - R)).contiguous()
-    crow, col = crow.contiguous().long(), col.contiguous().long()
-    if layout == "c":
-        y = torch.empty(M, gr * r, dtype=torch.float32)
-        y_t, y_o = gr * r, 1
-    else:
-        y = torch.empty(gr * r, M, dtype=torch.float32)
-        y_t, y_o = 1, M
-    if M:
-        # the tokens split over torch's threads (none below 64 tokens a thread)
-        threads = max(1, min(torch.get_num_threads(), -(-M // 64)))
-        lib.planc_bsr_rows_f32(x.data_ptr(), x.stride(0), x.stride(1), 0, M, wt.data_ptr(), crow.data_ptr(),
-                               col.data_ptr(), gr, r, c, None if b is None else b.data_ptr(), y.data_ptr(), y_t, y_o,
-                               threads)
-    if layout == "c":
-        return y if gr * r == R else y[:, :R].contiguous()
-    return y[:R].t()
+    return _product(x, _packed(values, order, tperm, "forward"), crow, col, -(-R // r), r, c, C, R, bias, layout)
+
+
+def grad_input(dy: torch.Tensor, values: torch.Tensor, order: str, tcrow: torch.Tensor, trow: torch.Tensor,
+               tperm: torch.Tensor, shape) -> torch.Tensor:
+    """dX = dY·W for dy (M, R), row-major (M, C): the same kernel over the transposed index
+    (a block-column of W gives a column block of dX; each block W_ij read as stored, its
+    r rows the inputs). The caller checks `supports(c, ...)` first."""
+    (R, C), (r, c) = (int(v) for v in shape), (int(values.shape[1]), int(values.shape[2]))
+    return _product(dy, _packed(values, order, tperm, "grad_input"), tcrow, trow, -(-C // c), c, r, R, C, None, "c")

@@ -160,3 +160,20 @@ def test_narrower_vector_builds_match_the_reference(march, tmp_path, monkeypatch
             y = native.forward(x.float(), bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, bias.float(), (R, C),
                                layout=layout)
             assert rel_err(y, ref) <= TOL[torch.float32], (march, block, layout)
+
+
+@needs_native
+@pytest.mark.parametrize("R,C,block", [s for s in SHAPES if s[2][1] % 8 == 0])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.9])
+def test_native_grad_input_matches_float64_reference(R, C, block, sparsity):
+    """dX = dY·W through the transposed index, for the layer's blocks in either order."""
+    if not native.supports(block[1], torch.float32, torch.device("cpu")):
+        pytest.skip(f"{block[1]}-column blocks are not a multiple of this build's vector width")
+    bsm, _ = make(R, C, block, sparsity, torch.float32, seed=R * 3 + C)
+    dy = torch.randn(77, R, dtype=torch.float64)
+    ref = dy @ bsm.to_dense().double()
+    for order, values in (("row", bsm.values), ("col", bsm.grouped_by_column())):
+        dx = native.grad_input(dy.float(), values, order, bsm.tcrow, bsm.trow, bsm.tperm, (R, C))
+        assert dx.shape == (77, C) and dx.is_contiguous()
+        assert rel_err(dx, ref) <= TOL[torch.float32], order
+    assert rel_err(cpu.grad_input(dy.float(), bsm), ref) <= TOL[torch.float32]
