@@ -10,8 +10,10 @@
  * first), and nothing is packed per call: a block is stored transposed (c × r, one row of
  * r outputs per input feature), the order the loop reads.
  *
- * Threads split the tokens (each owns the rows of Y it writes; ctypes releases the GIL). X and Y are addressed through strides, so a row-major X or the transposed view
- * the other CPU paths return are read in place, and Y can be written row-major or as Yᵀ.
+ * Threads split the tokens, each owning the rows of Y it writes (ctypes releases the GIL
+ * for the call). X and Y are addressed through strides, so a row-major X or the
+ * transposed view the other CPU paths return are read in place, and Y can be written
+ * row-major or as Yᵀ.
  *
  * Plain C with GCC vector extensions, compiled on the machine that runs it
  * (-O3 -march=native): AVX-512 where the CPU has it, AVX2 or narrower otherwise.
@@ -76,7 +78,8 @@ static inline void store_stream(float *p, vf v) {
         }                                                                                    \
         if (yo == 1) {                                                                       \
             for (int u = 0; u < TT; u++)                                                     \
-                for (int v = 0; v < NV; v++) store_stream(y + (t + u) * yt + v * VW, acc[u][v]);    \
+                for (int v = 0; v < NV; v++)                                                 \
+                    store_stream(y + (t + u) * yt + v * VW, acc[u][v]);                      \
         } else {                                                                             \
             for (int u = 0; u < TT; u++)                                                     \
                 for (int v = 0; v < NV; v++) {                                               \
@@ -129,11 +132,7 @@ int planc_native_supports(int r) {
 
 int planc_native_vector_width(void) { return VW; }
 
-/* Y[t, :] for tokens t0 .. t1-1 (every block-row). X[t, f] = x[t*st + f*sf], f < gc*c (the
- * caller pads a partial last block-column); Y[t, o] = y[t*yt + o*yo], o < gr*r (the caller
- * pads a partial last block-row). wt: the kept blocks in block-row order, each c × r
- * (transposed); crow (gr+1) and col (nnz) the block-row pointers and block-columns; bias
- * (gr*r) or NULL. Returns 0, or -1 if r is not supported by this build. */
+/* Y[t, :] for tokens t0 .. t1-1, every block-row, token tile by token tile. */
 static void rows_range(const float *x, long st, long sf, long t0, long t1, const float *wt,
                        const int64_t *crow, const int64_t *col, long gr, int r, int c,
                        const float *bias, float *y, long yt, long yo) {
@@ -159,7 +158,13 @@ static void rows_range(const float *x, long st, long sf, long t0, long t1, const
 #endif
 }
 
-/* The token range split over `threads` OpenMP threads, a multiple of 8 tokens each. The
+/* Y = X·Wᵀ + b for tokens t0 .. t1-1. X[t, f] = x[t*st + f*sf], f < gc*c (the caller pads a
+ * partial last block-column); Y[t, o] = y[t*yt + o*yo], o < gr*r (the caller pads a partial
+ * last block-row). wt: the kept blocks in block-row order, each c × r (transposed); crow
+ * (gr+1) and col (nnz) the block-row pointers and block-columns; bias (gr*r) or NULL.
+ * Returns 0, or -1 if this build does not handle r.
+ *
+ * The token range split over `threads` OpenMP threads, a multiple of 8 tokens each. The
  * library links the libgomp torch has loaded (the same soname), so these are torch's own
  * OpenMP threads: threads of our own would share the cores with torch's, which spin for
  * a while after every parallel op (a 10 ms product took 17 ms right after a torch op). */

@@ -196,9 +196,11 @@ def _product(x: torch.Tensor, packed: torch.Tensor, ptr: torch.Tensor, idx: torc
     if M:
         # the tokens split over torch's threads (none below 64 tokens a thread)
         threads = max(1, min(torch.get_num_threads(), -(-M // 64)))
-        library().planc_bsr_rows_f32(x.data_ptr(), x.stride(0), x.stride(1), 0, M, packed.data_ptr(),
-                                     ptr.data_ptr(), idx.data_ptr(), groups, width_out, width_in,
-                                     None if b is None else b.data_ptr(), y.data_ptr(), y_t, y_o, threads)
+        status = library().planc_bsr_rows_f32(x.data_ptr(), x.stride(0), x.stride(1), 0, M, packed.data_ptr(),
+                                              ptr.data_ptr(), idx.data_ptr(), groups, width_out, width_in,
+                                              None if b is None else b.data_ptr(), y.data_ptr(), y_t, y_o, threads)
+        if status != 0:
+            raise ValueError(f"the native kernel does not handle {width_out}-wide blocks in this build")
     if layout == "c":
         return y if groups * width_out == n_out else y[:, :n_out].contiguous()
     return y[:n_out].t()
