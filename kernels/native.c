@@ -183,3 +183,65 @@ int planc_bsr_rows_f32(const float *x, long st, long sf, long t0, long t1, const
     }
     return 0;
 }
+
+/* ---- the training mask of a dense phase: W ⊙ expand(S) and its backward ---------------
+ * W (gr·r × gc·c, row-major, contiguous), S (gr × gc) one scale per block. A step of a
+ * SequentialAttention++ dense phase at small batch is bound by memory traffic over the
+ * weight: the scaled copy is written with streaming stores (no read of its lines first),
+ * and the backward reads the incoming gradient and the weight once, reducing each block's
+ * ⟨G_b, W_b⟩ and writing G ⊙ expand(S) (streamed) in the same pass. Block-rows are
+ * split over OpenMP threads. */
+
+static inline void scale_row(const float *w, const float *s, float *out, long gc, int c) {
+    for (long j = 0; j < gc; j++) {
+        const float sj = s[j];
+        const float *wj = w + j * c;
+        float *oj = out + j * c;
+        int k = 0;
+        for (; k + VW <= c; k += VW) store_stream(oj + k, load(wj + k) * sj);
+        for (; k < c; k++) oj[k] = wj[k] * sj;
+    }
+}
+
+void planc_scale_blocks_f32(const float *w, const float *s, float *out, long gr, long gc, int r, int c,
+                            int threads) {
+    if (threads < 1) threads = 1;
+    const long cols = gc * c;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < gr; i++)
+        for (int o = 0; o < r; o++) {
+            const long row = (i * r + o) * cols;
+            scale_row(w + row, s + i * gc, out + row, gc, c);
+        }
+#ifdef HAVE_STREAM
+    _mm_sfence();
+#endif
+}
+
+/* gs[i, j] = Σ over block (i, j) of g ⊙ w; gw = g ⊙ expand(S) when gw is not NULL. */
+void planc_scale_blocks_backward_f32(const float *g, const float *w, const float *s, float *gw, float *gs,
+                                     long gr, long gc, int r, int c, int threads) {
+    if (threads < 1) threads = 1;
+    const long cols = gc * c;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < gr; i++) {
+        for (long j = 0; j < gc; j++) gs[i * gc + j] = 0.0f;
+        for (int o = 0; o < r; o++) {
+            const long row = (i * r + o) * cols;
+            for (long j = 0; j < gc; j++) {
+                const float *gj = g + row + j * c, *wj = w + row + j * c;
+                vf acc = (vf){0};
+                float tail = 0.0f;
+                int k = 0;
+                for (; k + VW <= c; k += VW) acc += load(gj + k) * load(wj + k);
+                for (; k < c; k++) tail += gj[k] * wj[k];
+                for (int e = 0; e < VW; e++) tail += acc[e];
+                gs[i * gc + j] += tail;
+            }
+            if (gw) scale_row(g + row, s + i * gc, gw + row, gc, c);
+        }
+    }
+#ifdef HAVE_STREAM
+    _mm_sfence();
+#endif
+}

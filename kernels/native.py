@@ -128,6 +128,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.planc_native_supports.argtypes = [it]
     lib.planc_native_supports.restype = it
     lib.planc_native_vector_width.restype = it
+    lib.planc_scale_blocks_f32.argtypes = [vp, vp, vp, lg, lg, it, it, it]
+    lib.planc_scale_blocks_f32.restype = None
+    lib.planc_scale_blocks_backward_f32.argtypes = [vp, vp, vp, vp, vp, lg, lg, it, it, it]
+    lib.planc_scale_blocks_backward_f32.restype = None
     return lib
 
 
@@ -224,3 +228,34 @@ def grad_input(dy: torch.Tensor, values: torch.Tensor, order: str, tcrow: torch.
     r rows the inputs). The caller checks `supports(c, ...)` first."""
     (R, C), (r, c) = (int(v) for v in shape), (int(values.shape[1]), int(values.shape[2]))
     return _product(dy, _packed(values, order, tperm, "grad_input"), tcrow, trow, -(-C // c), c, r, R, C, None, "c")
+
+
+# ---- the training mask: W ⊙ expand(S) (planc/blocks.py's _ScaleBlocks) ------------------
+def scales_blocks(weight: torch.Tensor, grid: torch.Tensor) -> bool:
+    """Whether the native kernel computes the block scale of this weight and grid: fp32,
+    on the CPU, contiguous, a plain tensor (not a DTensor shard)."""
+    return (weight.dtype == grid.dtype == torch.float32 and weight.device.type == grid.device.type == "cpu"
+            and weight.is_contiguous() and grid.is_contiguous() and library() is not None)
+
+
+def scale_blocks(weight: torch.Tensor, grid: torch.Tensor, block) -> torch.Tensor:
+    """weight ⊙ expand(grid) for a weight its (r, c) blocks tile exactly."""
+    (gr, gc), (r, c) = grid.shape, block
+    out = torch.empty_like(weight)
+    library().planc_scale_blocks_f32(weight.data_ptr(), grid.data_ptr(), out.data_ptr(), gr, gc, r, c,
+                                     torch.get_num_threads())
+    return out
+
+
+def scale_blocks_backward(grad: torch.Tensor, weight: torch.Tensor, grid: torch.Tensor, block,
+                          want_weight: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(grad ⊙ expand(grid) or None, the grid's gradient: each block's ⟨grad_b, weight_b⟩),
+    in one pass over grad and weight."""
+    (gr, gc), (r, c) = grid.shape, block
+    grad = grad.contiguous()
+    grad_grid = torch.empty_like(grid)
+    grad_weight = torch.empty_like(weight) if want_weight else None
+    library().planc_scale_blocks_backward_f32(grad.data_ptr(), weight.data_ptr(), grid.data_ptr(),
+                                              None if grad_weight is None else grad_weight.data_ptr(),
+                                              grad_grid.data_ptr(), gr, gc, r, c, torch.get_num_threads())
+    return grad_weight, grad_grid

@@ -200,16 +200,24 @@ class _ScaleBlocks(torch.autograd.Function):
         (gr, gc), (r, c) = grid.shape, block
         ctx.save_for_backward(weight, grid)
         ctx.block = block
+        native = _native()
+        ctx.native = native is not None and native.scales_blocks(weight, grid)
+        if ctx.native:                 # one pass, the copy streamed (kernels/native.c)
+            return native.scale_blocks(weight.detach(), grid.detach(), block)
         return (weight.view(gr, r, gc, c) * grid[:, None, :, None]).view(weight.shape)
 
     @staticmethod
     def backward(ctx, grad):
         weight, grid = ctx.saved_tensors
         (gr, gc), (r, c) = grid.shape, ctx.block
+        want_weight, want_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.native and want_grid and grad.dtype == torch.float32:
+            grad_weight, grad_grid = _native().scale_blocks_backward(grad, weight.detach(), grid.detach(),
+                                                                     ctx.block, want_weight)
+            return grad_weight, grad_grid, None
         g = grad.reshape(gr, r, gc, c)
         w = weight.view(gr, r, gc, c)
         scale = grid[:, None, :, None]
-        want_weight, want_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not want_grid:
             return (g * scale).view(weight.shape) if want_weight else None, None, None
         grad_grid = torch.empty_like(grid)
@@ -221,6 +229,14 @@ class _ScaleBlocks(torch.autograd.Function):
             if want_weight:
                 torch.mul(g[s], scale[s], out=grad_weight[s])
         return (None if grad_weight is None else grad_weight.view(weight.shape)), grad_grid, None
+
+
+def _native():
+    """planc.kernels.native when its library is built here, else None (imported late:
+    the kernels import this module)."""
+    from planc.kernels import native
+
+    return native if native.library() is not None else None
 
 
 def sparsify_grid_count(num_blocks: int, sparsity: float) -> int:

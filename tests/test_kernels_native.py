@@ -177,3 +177,37 @@ def test_native_grad_input_matches_float64_reference(R, C, block, sparsity):
         assert dx.shape == (77, C) and dx.is_contiguous()
         assert rel_err(dx, ref) <= TOL[torch.float32], order
     assert rel_err(cpu.grad_input(dy.float(), bsm), ref) <= TOL[torch.float32]
+
+
+@needs_native
+@pytest.mark.parametrize("shape,block", [((64, 96), (32, 32)), ((48, 40), (8, 4)), ((30, 50), (5, 10)),
+                                         ((256, 2048), (32, 32)), ((32, 6, 3, 3), (8, 6))])
+@pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
+def test_native_block_scale_matches_the_float64_product(shape, block, wants, monkeypatch):
+    """The dense phase's mask, W ⊙ expand(S), through the native kernel (fp32): values and
+    both gradients against float64 autograd of the expanded product; the kernel is used."""
+    from planc.blocks import BlockView
+
+    calls = []
+    for name in ("scale_blocks", "scale_blocks_backward"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    view = BlockView(shape, block)
+    g = torch.Generator().manual_seed(7)
+    w64 = torch.randn(shape, generator=g, dtype=torch.float64)
+    s64 = torch.rand(view.grid, generator=g, dtype=torch.float64) * 2
+    probe = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = w64.float().requires_grad_(wants[0])
+    s = s64.float().requires_grad_(wants[1])
+    got = view.scale(w, s)
+    ref64 = w64 * view.expand(s64)
+    assert rel_err(got, ref64) <= TOL[torch.float32]
+    native_path = view.blocked(w) is not None          # the conv case takes its own route
+    assert ("scale_blocks" in calls) == native_path
+    w64.requires_grad_(wants[0])
+    s64.requires_grad_(wants[1])
+    grads = torch.autograd.grad((got * probe.float()).sum(), [t for t in (w, s) if t.requires_grad])
+    refs = torch.autograd.grad((w64 * view.expand(s64) * probe).sum(), [t for t in (w64, s64) if t.requires_grad])
+    for a, b in zip(grads, refs):
+        assert a.dtype == torch.float32 and rel_err(a, b) <= 1e-5
+    assert ("scale_blocks_backward" in calls) == (wants[1] and native_path)
