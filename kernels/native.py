@@ -13,6 +13,9 @@ named by a digest of the source, the compiler's version, the flags and the CPU's
 so a changed source, compiler or machine builds anew. The build writes a temporary file
 and renames it: two processes building at once both end with a whole library.
 
+It imports nothing of planc (planc.blocks calls it for the training mask, and the
+kernels import planc.blocks).
+
 Not available — and every caller falls back to the torch formulations — when
 `PLANC_NATIVE=0`, when there is no C compiler (`$CC`, cc, gcc or clang), when the build
 fails, or off Linux/macOS; `why_unavailable()` says which.
@@ -33,8 +36,6 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-
-from planc.kernels.format import inverse
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=gnu11"]
@@ -169,7 +170,8 @@ def _packed(values: torch.Tensor, order: str, tperm: torch.Tensor, product: str)
     with torch.no_grad():
         v = values.detach().float()
         if product == "forward":
-            packed = (v if order == "row" else v[inverse(tperm.long())]).transpose(1, 2).contiguous()
+            row_order = v if order == "row" else v[torch.argsort(tperm.long())]   # argsort: the inverse permutation
+            packed = row_order.transpose(1, 2).contiguous()
         else:
             packed = (v[tperm.long()] if order == "row" else v).contiguous()
     if stamp is not None:

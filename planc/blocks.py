@@ -232,9 +232,8 @@ class _ScaleBlocks(torch.autograd.Function):
 
 
 def _native():
-    """planc.kernels.native when its library is built here, else None (imported late:
-    the kernels import this module)."""
-    from planc.kernels import native
+    """planc.kernels.native when its library is built here, else None."""
+    from planc.kernels import native   # lazy: planc.kernels imports this module
 
     return native if native.library() is not None else None
 
