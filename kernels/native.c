@@ -132,15 +132,15 @@ int planc_native_supports(int r) {
 
 int planc_native_vector_width(void) { return VW; }
 
-/* Y[t, :] for tokens t0 .. t1-1, every block-row, token tile by token tile. */
+/* Y[t, block-rows i0 .. i1-1] for tokens t0 .. t1-1, token tile by token tile. */
 static void rows_range(const float *x, long st, long sf, long t0, long t1, const float *wt,
-                       const int64_t *crow, const int64_t *col, long gr, int r, int c,
+                       const int64_t *crow, const int64_t *col, long i0, long i1, int r, int c,
                        const float *bias, float *y, long yt, long yo) {
     const int nv = r / VW, tt = tile_tokens(nv);
     micro_fn full = pick(nv, tt), one = pick(nv, 1);
     for (long a = t0; a < t1; a += TB) {
         const long e = a + TB < t1 ? a + TB : t1;
-        for (long i = 0; i < gr; i++) {
+        for (long i = i0; i < i1; i++) {
             const float *bi = bias ? bias + i * r : 0;
             float *yi = y + i * (long)r * yo;
             long t = a;
@@ -164,22 +164,32 @@ static void rows_range(const float *x, long st, long sf, long t0, long t1, const
  * (gr+1) and col (nnz) the block-row pointers and block-columns; bias (gr*r) or NULL.
  * Returns 0, or -1 if this build does not handle r.
  *
- * The token range split over `threads` OpenMP threads, a multiple of 8 tokens each. The
- * library links the libgomp torch has loaded (the same soname), so these are torch's own
- * OpenMP threads: threads of our own would share the cores with torch's, which spin for
- * a while after every parallel op (a 10 ms product took 17 ms right after a torch op). */
+ * Split over `threads` OpenMP threads: by tokens (a multiple of 8 each) when every thread
+ * gets at least a token tile, else by block-rows (few tokens: one decoding step, a small
+ * batch); each output is computed by the same micro-tiles either way, so the result does
+ * not depend on the split. The library links the libgomp torch has loaded (the same
+ * soname), so these are torch's own OpenMP threads: threads of our own would share the
+ * cores with torch's, which spin for a while after every parallel op (a 10 ms product
+ * took 17 ms right after a torch op). */
 int planc_bsr_rows_f32(const float *x, long st, long sf, long t0, long t1, const float *wt,
                        const int64_t *crow, const int64_t *col, long gr, int r, int c,
                        const float *bias, float *y, long yt, long yo, int threads) {
     if (!planc_native_supports(r)) return -1;
     if (threads < 1) threads = 1;
     const long n = t1 - t0;
+    if (n >= (long)TB * threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int p = 0; p < threads; p++) {
-        long a = t0 + ((n * p / threads + 7) / 8) * 8, e = t0 + ((n * (p + 1) / threads + 7) / 8) * 8;
-        if (p == threads - 1 || e > t1) e = t1;
-        if (a > t1) a = t1;
-        if (e > a) rows_range(x, st, sf, a, e, wt, crow, col, gr, r, c, bias, y, yt, yo);
+        for (int p = 0; p < threads; p++) {
+            long a = t0 + ((n * p / threads + 7) / 8) * 8, e = t0 + ((n * (p + 1) / threads + 7) / 8) * 8;
+            if (p == threads - 1 || e > t1) e = t1;
+            if (a > t1) a = t1;
+            if (e > a) rows_range(x, st, sf, a, e, wt, crow, col, 0, gr, r, c, bias, y, yt, yo);
+        }
+    } else {
+        const int parts = threads < gr ? threads : (int)gr;
+#pragma omp parallel for num_threads(parts > 0 ? parts : 1) schedule(static)
+        for (int p = 0; p < parts; p++)
+            rows_range(x, st, sf, t0, t1, wt, crow, col, gr * p / parts, gr * (p + 1) / parts, r, c, bias, y, yt, yo);
     }
     return 0;
 }

@@ -181,6 +181,11 @@ def _packed(values: torch.Tensor, order: str, tperm: torch.Tensor, product: str)
     return packed
 
 
+# Below this many multiply-adds ×2 a product runs on one thread: an OpenMP hand-off costs
+# a few microseconds, a 64-token product of a few kept 32×32 blocks about as much.
+_MIN_FLOPS_TO_SPLIT = 4e6
+
+
 def _product(x: torch.Tensor, packed: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, groups: int,
              width_out: int, width_in: int, n_in: int, n_out: int, bias: Optional[torch.Tensor],
              layout: str) -> torch.Tensor:
@@ -200,8 +205,9 @@ def _product(x: torch.Tensor, packed: torch.Tensor, ptr: torch.Tensor, idx: torc
         y = torch.empty(groups * width_out, M, dtype=torch.float32)
         y_t, y_o = 1, M
     if M:
-        # the tokens split over torch's threads (none below 64 tokens a thread)
-        threads = max(1, min(torch.get_num_threads(), -(-M // 64)))
+        # torch's threads (the kernel splits tokens, or block-rows when the tokens are few);
+        # one thread for a product too small to pay for waking another
+        threads = torch.get_num_threads() if 2 * M * packed.numel() >= _MIN_FLOPS_TO_SPLIT else 1
         status = library().planc_bsr_rows_f32(x.data_ptr(), x.stride(0), x.stride(1), 0, M, packed.data_ptr(),
                                               ptr.data_ptr(), idx.data_ptr(), groups, width_out, width_in,
                                               None if b is None else b.data_ptr(), y.data_ptr(), y_t, y_o, threads)

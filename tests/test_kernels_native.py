@@ -51,18 +51,21 @@ def test_native_matches_float64_reference(R, C, block, sparsity, layout, x_layou
 
 
 @needs_native
-def test_native_split_over_threads_matches_one_thread():
+@pytest.mark.parametrize("M", [1000, 100, 9])      # split by tokens; by block-rows (few tokens)
+def test_native_split_over_threads_matches_one_thread(M, monkeypatch):
+    monkeypatch.setattr(native, "_MIN_FLOPS_TO_SPLIT", 0)
     bsm, _ = make(256, 192, (32, 32), 0.7, torch.float32, seed=5)
-    x = torch.randn(1000, 192)
+    x = torch.randn(M, 192, dtype=torch.float64)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
+        one = native.forward(x.float(), bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
         torch.set_num_threads(3)
-        three = native.forward(x, bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
+        three = native.forward(x.float(), bsm.values, "row", bsm.crow, bsm.col, bsm.tperm, None, bsm.shape)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, three)          # each token's sums in the same order: bitwise
+    assert rel_err(three, x @ bsm.to_dense().double().t()) <= TOL[torch.float32]
 
 
 @needs_native
