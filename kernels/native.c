@@ -80,13 +80,14 @@ static inline void store_stream(float *p, vf v) {
             for (int u = 0; u < TT; u++)                                                     \
                 for (int v = 0; v < NV; v++)                                                 \
                     store_stream(y + (t + u) * yt + v * VW, acc[u][v]);                      \
-        } else {                                                                             \
+        } else {                /* Yᵀ: each output's TT tokens are one contiguous run */   \
+            float tile[TT][NV * VW];                                                         \
             for (int u = 0; u < TT; u++)                                                     \
-                for (int v = 0; v < NV; v++) {                                               \
-                    float tmp[VW];                                                           \
-                    store(tmp, acc[u][v]);                                                   \
-                    for (int e = 0; e < VW; e++) y[(t + u) * yt + (v * VW + e) * yo] = tmp[e]; \
-                }                                                                            \
+                for (int v = 0; v < NV; v++) store(&tile[u][v * VW], acc[u][v]);             \
+            for (int o = 0; o < NV * VW; o++) {                                              \
+                float *dst = y + t * yt + o * yo;                                            \
+                for (int u = 0; u < TT; u++) dst[u * yt] = tile[u][o];                       \
+            }                                                                                \
         }                                                                                    \
     }
 
