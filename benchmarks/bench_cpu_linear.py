@@ -3,7 +3,7 @@ shape over block sizes and sparsities: the table of docs/benchmarks.md (CPU). No
 
     python benchmarks/bench_cpu_linear.py [--shape 4096x4096] [--tokens 512]
         [--blocks 16,32,64] [--sparsities 0.8,0.9,0.95] [--repeats 15]
-        [--strategy cols|rows|mkl|dense] [--no-backward]
+        [--strategy native|cols|rows|mkl|dense] [--no-backward]
 
 Each cell is planc.bench.bench_cell: the same random weight (random block support at the
 exact block sparsity) and inputs for all candidates, timed interleaved, medians of
