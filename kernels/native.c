@@ -218,15 +218,18 @@ void planc_scale_blocks_f32(const float *w, const float *s, float *out, long gr,
                             int threads) {
     if (threads < 1) threads = 1;
     const long cols = gc * c;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < gr; i++)
-        for (int o = 0; o < r; o++) {
-            const long row = (i * r + o) * cols;
-            scale_row(w + row, s + i * gc, out + row, gc, c);
-        }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long i = 0; i < gr; i++)
+            for (int o = 0; o < r; o++) {
+                const long row = (i * r + o) * cols;
+                scale_row(w + row, s + i * gc, out + row, gc, c);
+            }
 #ifdef HAVE_STREAM
-    _mm_sfence();
+        _mm_sfence();                  /* each thread's streamed stores, before the region ends */
 #endif
+    }
 }
 
 /* gs[i, j] = Σ over block (i, j) of g ⊙ w; gw = g ⊙ expand(S) when gw is not NULL. */
@@ -234,25 +237,28 @@ void planc_scale_blocks_backward_f32(const float *g, const float *w, const float
                                      long gr, long gc, int r, int c, int threads) {
     if (threads < 1) threads = 1;
     const long cols = gc * c;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < gr; i++) {
-        for (long j = 0; j < gc; j++) gs[i * gc + j] = 0.0f;
-        for (int o = 0; o < r; o++) {
-            const long row = (i * r + o) * cols;
-            for (long j = 0; j < gc; j++) {
-                const float *gj = g + row + j * c, *wj = w + row + j * c;
-                vf acc = (vf){0};
-                float tail = 0.0f;
-                int k = 0;
-                for (; k + VW <= c; k += VW) acc += load(gj + k) * load(wj + k);
-                for (; k < c; k++) tail += gj[k] * wj[k];
-                for (int e = 0; e < VW; e++) tail += acc[e];
-                gs[i * gc + j] += tail;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long i = 0; i < gr; i++) {
+            for (long j = 0; j < gc; j++) gs[i * gc + j] = 0.0f;
+            for (int o = 0; o < r; o++) {
+                const long row = (i * r + o) * cols;
+                for (long j = 0; j < gc; j++) {
+                    const float *gj = g + row + j * c, *wj = w + row + j * c;
+                    vf acc = (vf){0};
+                    float tail = 0.0f;
+                    int k = 0;
+                    for (; k + VW <= c; k += VW) acc += load(gj + k) * load(wj + k);
+                    for (; k < c; k++) tail += gj[k] * wj[k];
+                    for (int e = 0; e < VW; e++) tail += acc[e];
+                    gs[i * gc + j] += tail;
+                }
+                if (gw) scale_row(g + row, s + i * gc, gw + row, gc, c);
             }
-            if (gw) scale_row(g + row, s + i * gc, gw + row, gc, c);
         }
-    }
 #ifdef HAVE_STREAM
-    _mm_sfence();
+        _mm_sfence();                  /* each thread's streamed stores, before the region ends */
 #endif
+    }
 }

@@ -152,7 +152,9 @@ def supports(r: int, dtype: torch.dtype, device: torch.device) -> bool:
 # only when trained, and repacking a 4096² layer's blocks cost as much as a third of its
 # product. Keyed by the tensor's identity and the product; an entry is used only while
 # the tensor lives (a weak reference), still holds the same storage and has not been
-# written since (its version counter), and dropped when the tensor is freed.
+# written since (its version counter), and dropped when the tensor is freed. A write that
+# bypasses the version counter (through `.data`, or a NumPy view) is not seen: planc makes
+# none; code that does must not expect a lowered layer to follow it.
 _PACKED: Dict[Tuple[int, str], Tuple[Any, ...]] = {}
 
 

@@ -37,7 +37,7 @@ from torch import fx, nn
 from planc import meta as M, timing_cache
 from planc.blocks import BlockView
 from planc.kernels.conv import BlockSparseConv2d
-from planc.kernels.cost import predict_speedup
+from planc.kernels.cost import NATIVE_MAX_DENSITY, predict_speedup
 from planc.kernels.format import BlockSparseMatrix
 from planc.kernels import backends, native
 from planc.kernels.ops import BlockSparseLinear
@@ -327,7 +327,9 @@ def _settle_layouts(g: fx.GraphModule) -> None:
         if lin is None:
             continue
         backend = backends.resolve(lin.backend, lin.values.device)
-        row_major = native.supports(lin.block[0], lin.values.dtype, lin.values.device)
+        grid = (-(-lin.shape[0] // lin.block[0])) * (-(-lin.shape[1] // lin.block[1]))
+        row_major = (lin.values.shape[0] <= NATIVE_MAX_DENSITY * grid
+                     and native.supports(lin.block[0], lin.values.dtype, lin.values.device))
         lin.contiguous_output = backend.transposed_output and (row_major or not _feeds_only_lowered(g, node))
 
 

@@ -211,6 +211,13 @@ class _ScaleBlocks(torch.autograd.Function):
         weight, grid = ctx.saved_tensors
         (gr, gc), (r, c) = grid.shape, ctx.block
         want_weight, want_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            # a differentiable backward (create_graph=True: a gradient penalty, a second
+            # derivative): plain ops, which autograd can record; the fast paths below cannot
+            g = grad.reshape(gr, r, gc, c)
+            grad_weight = (g * grid[:, None, :, None]).view(weight.shape) if want_weight else None
+            grad_grid = (g * weight.view(gr, r, gc, c)).sum(dim=(1, 3)) if want_grid else None
+            return grad_weight, grad_grid, None
         if ctx.native and want_grid and grad.dtype == torch.float32:
             grad_weight, grad_grid = _native().scale_blocks_backward(grad, weight.detach(), grid.detach(),
                                                                      ctx.block, want_weight)

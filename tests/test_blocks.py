@@ -147,3 +147,22 @@ def test_zero_blocks_in_place_equals_the_expanded_fill(shape, block, transposed)
     expected = w.masked_fill(view.expand(grid), 0)
     view.zero_blocks_(w, grid)
     assert torch.equal(w, expected) and bool(grid.any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_backward_is_itself_differentiable(dtype):
+    """create_graph=True through the blocked scale (a gradient penalty on the logits, a
+    second derivative): the same second derivatives as W ⊙ expand(g). The fast backwards
+    (slabs with out=, the native kernel) are not recorded by autograd, so this once raised."""
+    from planc.blocks import BlockView
+
+    view = BlockView((64, 96), (32, 32))
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 96, generator=g, dtype=dtype, requires_grad=True)
+    grid = torch.rand(view.grid, generator=g, dtype=dtype, requires_grad=True)
+    results = []
+    for scaled in (view.scale(w, grid), w * view.expand(grid)):
+        first, = torch.autograd.grad((scaled * scaled).sum(), grid, create_graph=True)
+        results.append((first,) + torch.autograd.grad(first.square().sum(), (w, grid)))
+    for got, ref in zip(*results):
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
