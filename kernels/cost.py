@@ -36,6 +36,7 @@ _CPU_BSR_FLOPS = 4.0e10
 _CPU_NATIVE_FLOPS = 8.0e10
 _CPU_NATIVE_STORE_BYTES_PER_S = 1.2e10
 _CPU_NATIVE_OVERHEAD_S = 3.0e-5
+_NATIVE_MIN_FLOPS_TO_SPLIT = 4e6        # kernels/native.py's _MIN_FLOPS_TO_SPLIT
 # GPU (assumed, unmeasured here): fraction of the ideal speedup by padded block size.
 _GPU_EFF = {16: 0.3, 32: 0.5, 64: 0.75, 128: 0.8}
 _GPU_LAUNCH_S = 8e-6
@@ -102,10 +103,13 @@ def _native_supports(r: int, dtype: torch.dtype) -> bool:
 
 def _cpu_native_s(tokens: int, gr: int, nnz: float, r: int, c: int) -> float:
     """The native kernel (kernels/native.c): its multiply-adds at a core's rate, each
-    output written once (streamed), token ranges split over the threads."""
-    parts = max(1, min(torch.get_num_threads(), -(-tokens // 64)))
-    per_thread = (2.0 * tokens * nnz * r * c / _CPU_NATIVE_FLOPS + 4.0 * tokens * gr * r / _CPU_NATIVE_STORE_BYTES_PER_S)
-    return per_thread / parts + _CPU_NATIVE_OVERHEAD_S
+    output written once (streamed), split over the threads (by tokens, or by block-rows
+    when the tokens are few) unless the product is too small to pay for the hand-off."""
+    flops = 2.0 * tokens * nnz * r * c
+    threads = torch.get_num_threads() if flops >= _NATIVE_MIN_FLOPS_TO_SPLIT else 1
+    parts = threads if tokens >= 64 * threads else max(1, min(threads, gr))
+    one_thread = flops / _CPU_NATIVE_FLOPS + 4.0 * tokens * gr * r / _CPU_NATIVE_STORE_BYTES_PER_S
+    return one_thread / parts + _CPU_NATIVE_OVERHEAD_S
 
 
 def _cpu_cols_s(tokens: int, gr: int, gc: int, nnz: float, r: int, c: int) -> float:

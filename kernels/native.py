@@ -185,6 +185,7 @@ def _packed(values: torch.Tensor, order: str, tperm: torch.Tensor, product: str)
 
 # Below this many multiply-adds ×2 a product runs on one thread: an OpenMP hand-off costs
 # a few microseconds, a 64-token product of a few kept 32×32 blocks about as much.
+# (kernels/cost.py's model of the kernel uses the same number.)
 _MIN_FLOPS_TO_SPLIT = 4e6
 
 

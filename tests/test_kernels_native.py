@@ -214,3 +214,18 @@ def test_native_block_scale_matches_the_float64_product(shape, block, wants, mon
     for a, b in zip(grads, refs):
         assert a.dtype == torch.float32 and rel_err(a, b) <= 1e-5
     assert ("scale_blocks_backward" in calls) == (wants[1] and native_path)
+
+
+def test_the_cost_model_splits_where_the_kernel_does():
+    """kernels/cost.py's model of the native kernel and the kernel share their threshold."""
+    from planc.kernels import cost
+
+    assert cost._NATIVE_MIN_FLOPS_TO_SPLIT == native._MIN_FLOPS_TO_SPLIT
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        few = cost._cpu_native_s(16, 128, 1600, 32, 32)            # 16 tokens: split by block-rows
+        torch.set_num_threads(1)
+        assert cost._cpu_native_s(16, 128, 1600, 32, 32) > 1.8 * (few - cost._CPU_NATIVE_OVERHEAD_S)
+    finally:
+        torch.set_num_threads(before)
