@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from planc.kernels import native
+
 # CPU (measured on a quiet machine, benchmarks/bench_cpu_linear.py and single-core runs
 # of the pieces; predicted/measured at 4096², 512 tokens, 90%: 0.9–1.0 for 16/32/64):
 # dense F.linear rate on all cores and its fixed cost; the column-panel path's rate per
@@ -36,7 +38,6 @@ _CPU_BSR_FLOPS = 4.0e10
 _CPU_NATIVE_FLOPS = 8.0e10
 _CPU_NATIVE_STORE_BYTES_PER_S = 1.2e10
 _CPU_NATIVE_OVERHEAD_S = 3.0e-5
-_NATIVE_MIN_FLOPS_TO_SPLIT = 4e6        # kernels/native.py's _MIN_FLOPS_TO_SPLIT
 # GPU (assumed, unmeasured here): fraction of the ideal speedup by padded block size.
 _GPU_EFF = {16: 0.3, 32: 0.5, 64: 0.75, 128: 0.8}
 _GPU_LAUNCH_S = 8e-6
@@ -96,9 +97,7 @@ def predict(tokens: int, shape, block, density: float, dtype: torch.dtype = torc
 
 
 def _native_supports(r: int, dtype: torch.dtype) -> bool:
-    from planc.kernels import native            # builds the kernel on first use
-
-    return native.supports(r, dtype, torch.device("cpu"))
+    return native.supports(r, dtype, torch.device("cpu"))      # builds the kernel on first use
 
 
 def _cpu_native_s(tokens: int, gr: int, nnz: float, r: int, c: int) -> float:
@@ -106,7 +105,7 @@ def _cpu_native_s(tokens: int, gr: int, nnz: float, r: int, c: int) -> float:
     output written once (streamed), split over the threads (by tokens, or by block-rows
     when the tokens are few) unless the product is too small to pay for the hand-off."""
     flops = 2.0 * tokens * nnz * r * c
-    threads = torch.get_num_threads() if flops >= _NATIVE_MIN_FLOPS_TO_SPLIT else 1
+    threads = torch.get_num_threads() if flops >= native.MIN_FLOPS_TO_SPLIT else 1
     parts = threads if tokens >= 64 * threads else max(1, min(threads, gr))
     one_thread = flops / _CPU_NATIVE_FLOPS + 4.0 * tokens * gr * r / _CPU_NATIVE_STORE_BYTES_PER_S
     return one_thread / parts + _CPU_NATIVE_OVERHEAD_S

@@ -13,8 +13,8 @@ named by a digest of the source, the compiler's version, the flags and the CPU's
 so a changed source, compiler or machine builds anew. The build writes a temporary file
 and renames it: two processes building at once both end with a whole library.
 
-It imports nothing of planc (planc.blocks calls it for the training mask, and the
-kernels import planc.blocks).
+It imports nothing of planc but planc.cache_dir (planc.blocks calls it for the training
+mask, and the kernels import planc.blocks).
 
 Not available — and every caller falls back to the torch formulations — when
 `PLANC_NATIVE=0`, when there is no C compiler (`$CC`, cc, gcc or clang), when the build
@@ -37,7 +37,13 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from planc.cache_dir import user_cache_dir
+
 SOURCE = Path(__file__).with_name("native.c")
+# Below this many multiply-adds ×2 a product runs on one thread: an OpenMP hand-off costs
+# a few microseconds, a 64-token product of a few kept 32×32 blocks about as much
+# (kernels/cost.py's model of the kernel reads it too).
+MIN_FLOPS_TO_SPLIT = 4e6
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=gnu11"]
 _reason: Optional[str] = None
 
@@ -46,8 +52,7 @@ def cache_dir() -> Path:
     value = os.environ.get("PLANC_NATIVE_CACHE")
     if value:
         return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "planc" / "native"
+    return user_cache_dir() / "native"
 
 
 def _compiler() -> Optional[str]:
@@ -183,12 +188,6 @@ def _packed(values: torch.Tensor, order: str, tperm: torch.Tensor, product: str)
     return packed
 
 
-# Below this many multiply-adds ×2 a product runs on one thread: an OpenMP hand-off costs
-# a few microseconds, a 64-token product of a few kept 32×32 blocks about as much.
-# (kernels/cost.py's model of the kernel uses the same number.)
-_MIN_FLOPS_TO_SPLIT = 4e6
-
-
 def _product(x: torch.Tensor, packed: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, groups: int,
              width_out: int, width_in: int, n_in: int, n_out: int, bias: Optional[torch.Tensor],
              layout: str) -> torch.Tensor:
@@ -210,7 +209,7 @@ def _product(x: torch.Tensor, packed: torch.Tensor, ptr: torch.Tensor, idx: torc
     if M:
         # torch's threads (the kernel splits tokens, or block-rows when the tokens are few);
         # one thread for a product too small to pay for waking another
-        threads = torch.get_num_threads() if 2 * M * packed.numel() >= _MIN_FLOPS_TO_SPLIT else 1
+        threads = torch.get_num_threads() if 2 * M * packed.numel() >= MIN_FLOPS_TO_SPLIT else 1
         status = library().planc_bsr_rows_f32(x.data_ptr(), x.stride(0), x.stride(1), 0, M, packed.data_ptr(),
                                               ptr.data_ptr(), idx.data_ptr(), groups, width_out, width_in,
                                               None if b is None else b.data_ptr(), y.data_ptr(), y_t, y_o, threads)

@@ -201,7 +201,7 @@ class _ScaleBlocks(torch.autograd.Function):
         ctx.save_for_backward(weight, grid)
         ctx.block = block
         native = _native()
-        ctx.native = native is not None and native.scales_blocks(weight, grid)
+        ctx.native = native.scales_blocks(weight, grid)
         if ctx.native:                 # one pass, the copy streamed (kernels/native.c)
             return native.scale_blocks(weight.detach(), grid.detach(), block)
         return (weight.view(gr, r, gc, c) * grid[:, None, :, None]).view(weight.shape)
@@ -239,10 +239,10 @@ class _ScaleBlocks(torch.autograd.Function):
 
 
 def _native():
-    """planc.kernels.native when its library is built here, else None."""
+    """planc.kernels.native (its `scales_blocks` says whether its library is built here)."""
     from planc.kernels import native   # lazy: planc.kernels imports this module
 
-    return native if native.library() is not None else None
+    return native
 
 
 def sparsify_grid_count(num_blocks: int, sparsity: float) -> int:

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Optional, Tuple
 import torch
 
 import planc.kernels
+from planc.cache_dir import user_cache_dir
 from planc.safeio import atomic_write_text
 from planc.timing import cpu_model
 
@@ -41,8 +42,7 @@ def cache_path() -> Optional[Path]:
         return None
     if value:
         return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "planc" / "layer-timings.json"
+    return user_cache_dir() / "layer-timings.json"
 
 
 def machine_key() -> dict:
