@@ -38,6 +38,14 @@ def lower(graph_module, backend: str = "auto", *, example_inputs=None, **kwargs)
     return lower_checked(graph_module, backend=backend, example_inputs=example_inputs, **kwargs)
 
 
+def obs_prune(pruned, batches, **kwargs):
+    """Prune a compiled pretrained model once, by block OBS on calibration batches, and
+    reconstruct its kept weights (plans with method obs; planc.obs). Call before attach."""
+    from planc.obs import obs_prune as _obs   # lazy: see the module doc
+
+    return _obs(pruned, batches, **kwargs)
+
+
 def save(out, pruned, *, baked=None, lowered=None, example_inputs=None, overwrite=False):
     """Write a run folder for a model pruned in your own loop (see planc.runfolder.save):
     then `planc.load(out)` gives the lowered model back, without your code."""

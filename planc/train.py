@@ -67,6 +67,37 @@ def lr_factor(step: int, total: int, kind: str, warmup: int) -> float:
     raise PlanError([Problem(f"expected lr_schedule constant, cosine or linear, got {kind!r}", path="train.lr_schedule")])
 
 
+def calibration_batches(loader, count: int) -> List[Any]:
+    """The inputs of the first `count` batches of a fresh pass over `loader`, drawn
+    without changing any random state the training's own pass will use."""
+    gen = getattr(loader, "generator", None)
+    gen_state = gen.get_state() if gen is not None else None
+    inputs: List[Any] = []
+    with torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            inputs.append(_split_batch(batch)[0])
+            if len(inputs) >= count:
+                break
+    if gen is not None:
+        gen.set_state(gen_state)
+    return inputs
+
+
+def _calibrate(plan: Plan, pruned, loader, log: Callable[[str], None]) -> dict:
+    """Method obs: prune once from the training data's first batches (planc.obs); the
+    event the runtime records."""
+    from planc.obs import obs_prune   # lazy: only plans with method obs need it
+
+    t0 = time.perf_counter()
+    batches = calibration_batches(loader, plan.method.calibration_batches)
+    layers = obs_prune(pruned, batches, damp=plan.method.damp)
+    seconds = time.perf_counter() - t0
+    worst = max(layers, key=lambda r: r["error"]) if layers else None
+    log(f"planc: block OBS pruned {len(layers)} layers on {len(batches)} calibration batches in {seconds:.0f} s"
+        + (f" (largest relative output error {worst['error']:.3g}, {worst['name']})" if worst else ""))
+    return {"event": "calibration", "step": 0, "batches": len(batches), "seconds": round(seconds, 2), "layers": layers}
+
+
 # ---- the data position --------------------------------------------------------------
 class Batches:
     """An endless iterator over a DataLoader's epochs that knows its position: the RNG
@@ -340,7 +371,7 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
         log(f"planc: {out} already holds this plan's finished run; nothing to do")
         return TrainResult(out, None, None, session.output.report, finished=True, main=ranks.main,
                            already_finished=True)
-    run = _Run(plan, session, ranks)
+    run = _Run(plan, session, ranks, log if ranks.main else (lambda _msg: None))
     if threads == "auto":
         torch.set_num_threads(pick_threads(run.module))
     if session.output is not None and session.output.action == "resume":
@@ -356,7 +387,7 @@ class _Run:
     """One run of the built-in trainer: the model, optimizer, runtime and data position,
     and the steps that train, evaluate, checkpoint and write the run folder."""
 
-    def __init__(self, plan: Plan, session: _Session, ranks):
+    def __init__(self, plan: Plan, session: _Session, ranks, log: Callable[[str], None] = lambda _msg: None):
         self.plan, self.session, self.ranks = plan, session, ranks
         _seed_all(plan.train.seed)
         model = call_factory(plan, "model.factory")
@@ -364,14 +395,20 @@ class _Run:
         self.pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
         # the teacher is taken now, before any training (its masks are still the identity)
         self.distiller = distill.from_plan(plan, self.pruned) if plan.train.distill is not None else None
+        resuming = session.output is not None and session.output.action == "resume"
+        calibration = None
+        if self.pruned.pruning_runtime().method.calibrated and not resuming:   # a resumed run's checkpoint holds its result
+            calibration = _calibrate(plan, self.pruned, train_loader, log)
         self.fsdp = ranks.world > 1 and plan.train.distributed == "fsdp"
         if self.fsdp:
             sharding.shard_module(self.pruned.module)     # before the optimizer: it must hold the sharded parameters
         self.runtime = self.pruned.pruning_runtime()
         self.runtime.record_to(session.events_path)
+        if calibration is not None:
+            self.runtime.record(calibration)
         self.opt = make_optimizer(plan, self.runtime)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
-        self.runtime.attach(self.opt)
+        self.runtime.attach(self.opt, start=not resuming)     # a resumed run's state comes from its checkpoint
         self.batches = Batches(train_loader)
         self.history: List[dict] = []
         # per phase of the schedule: [steps timed, seconds] (report.json: timings.phase_step_ms)

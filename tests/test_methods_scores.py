@@ -82,9 +82,10 @@ def test_powerprop_prunes_by_the_effective_weight(granularity):
         assert torch.equal(~mask.alive, _lowest(mask.view.block_norms(eff), k))
 
 
-def test_make_method_names_the_four_methods():
-    assert sorted(METHODS) == ["acdc", "magnitude", "powerprop", "sequential_attention_pp"]
+def test_make_method_names_the_four_methods_and_block_obs():
+    assert sorted(METHODS) == ["acdc", "magnitude", "obs", "powerprop", "sequential_attention_pp"]
     assert all(make_method(Method(name=name)).name == name for name in METHODS)   # each has its strategy
     assert make_method(Method(name="magnitude")).default_curve == "cubic"
+    assert [n for n in METHODS if make_method(Method(name=n)).calibrated] == ["obs"]
     with pytest.raises(RuntimeStateError, match="expected method"):
         make_method(Method(name="obd"))

@@ -249,16 +249,22 @@ def _check_method(data: dict, found: _Found) -> None:
 
 
 def _check_phases(data: dict, found: _Found) -> None:
-    """Explicit phases: sparsify-only keys on sparsify phases, and their total."""
+    """Explicit phases: sparsify-only keys on sparsify phases, the kinds the method
+    allows, and their total."""
     phases = _get(data, "schedule", "phases", kind=list)
     if phases is None:
         return
+    method = METHODS.get(_get(data, "method", "name", kind=str) or "")
+    allowed = method.phase_kinds if method is not None else None
     total, known = 0, True
     for i, ph in enumerate(phases):
         if not isinstance(ph, dict):
             known = False
             continue
         kind = ph.get("phase")
+        if allowed is not None and isinstance(kind, str) and kind not in allowed:
+            found.add(("schedule", "phases", i, "phase"), f"method {method.name} prunes once, before the first "
+                      f"step: its phases may be {' or '.join(allowed)}, not {kind}")
         n = _steps_int(ph.get("steps"))
         total, known = total + (n or 0), known and n is not None
         if isinstance(kind, str) and kind != "sparsify":
@@ -430,6 +436,7 @@ def _resolve_targets(data: dict) -> Targets:
 # How a method key's YAML value becomes the Method field (keys not listed are taken as is).
 METHOD_KEY_TYPES: Dict[str, Callable[[Any], Any]] = {
     "c": float, "alpha": float, "logits_lr": float, "logits_weight_decay": float, "update_every": int,
+    "calibration_batches": int, "damp": float,
     "clip": lambda v: v if isinstance(v, str) else _pair(v, float),
 }
 

@@ -68,6 +68,7 @@ class MethodSpec:
     shown: Tuple[str, ...] = ()                        # keys the report's method line shows
     preset_key: Optional[str] = None                   # a key whose value names a preset (both given: must agree)
     may_be_empty: Tuple[str, ...] = ()                 # presets whose one phase may get zero steps
+    phase_kinds: Optional[Tuple[str, ...]] = None      # the only phase kinds its schedule may have (None: any)
     doc: str = field(default="", repr=False)
 
     @property
@@ -105,6 +106,13 @@ _SPECS = (
         shown=("alpha", "granularity"), mask_mode="powerprop",
         presets={"paper": lambda: [Part("dense", F(85, 100)), Part("finetune", F(15, 100))]},
         doc="V·|V|^(α−1) reparameterisation while dense, then magnitude pruning (Schwarz et al. 2021)"),
+    MethodSpec(
+        name="obs", title="block OBS", strategy="OBS", keys=("calibration_batches", "damp"),
+        shown=("calibration_batches",), mask_mode="support", may_be_empty=("pretrained",),
+        phase_kinds=("sparse", "finetune"),
+        presets={"pretrained": lambda: [Part("finetune", F(1))]},
+        doc="prune once at step 0 from calibration batches, choosing blocks and reconstructing the kept "
+            "weights layer by layer with the Optimal Brain Surgeon (planc.obs; Frantar & Alistarh 2022), then fine-tune"),
 )
 
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}

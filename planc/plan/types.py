@@ -98,6 +98,9 @@ class Method:
     masking: bool = False
     # a method whose variant names its preset
     variant: str = "oneshot"                     # oneshot | gradual | pretrained
+    # block OBS (planc.obs): training batches it calibrates on, and the damping of X^T X
+    calibration_batches: int = 64
+    damp: float = 0.01
 
 
 @dataclass(frozen=True)

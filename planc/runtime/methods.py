@@ -12,6 +12,10 @@ mask mode it needs and its default sparsify curve:
   baseline; Zhu & Gupta's gradual variant uses the cubic curve);
 - PowerPropagation: the Frobenius norm of the *effective* block ‖V_b‖·V_b (or V⊙|V|^(α−1)).
 
+Block OBS (planc.obs) is not a score: it prunes every layer once, from calibration
+batches, before the first step, and reconstructs the kept weights; the runtime then
+holds its supports.
+
 Which strategy a plan's method uses, and the mask mode it needs, come from its record in
 planc.plan.registry (`strategy`, `mask_mode`): the classes here carry no method names.
 
@@ -38,6 +42,9 @@ class PruningMethod:
     # zero (pruning). True: they keep their values behind the zero mask and come back
     # with them (masking: the paper's ACDC on Criteo).
     keeps_pruned_weights = False
+    # True: the method chooses its blocks from data before the first step (planc.obs), so
+    # the runtime must find every layer already at its target where a phase prunes
+    calibrated = False
 
     def __init__(self, method: Method):
         self.method = method
@@ -77,6 +84,12 @@ class Magnitude(PruningMethod):
 
 class PowerProp(PruningMethod):
     pass
+
+
+class OBS(PruningMethod):
+    """Block OBS (planc.obs) prunes from calibration data before the first step; the
+    runtime then only holds the supports. Its score (the block norm) is never used to prune."""
+    calibrated = True
 
 
 def make_method(method: Method) -> PruningMethod:

@@ -130,16 +130,19 @@ class Runtime:
                 lg[key] = float(own)
         return [wg, lg] if logits else [wg]
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+    def attach(self, optimizer: torch.optim.Optimizer, start: bool = True) -> None:
         """The optimizer whose state is reset at phase edges. Starts the schedule (applies
-        step 0's actions) if it has not started yet. An FSDP2-sharded module is checked
+        step 0's actions) if it has not started yet, unless `start` is False (a run about
+        to load a checkpoint's state: step 0's pruning would only be overwritten, and
+        method obs cannot prune without its calibration data). An FSDP2-sharded module is checked
         first (planc.sharding). Keeps freed memory in the process from now on
         (planc.memory; PLANC_KEEP_FREED_MEMORY=0 turns that off)."""
         sharding.check_groups(self.module)
         sharding.check_optimizer(self.module, optimizer)
         self.optimizer = optimizer
         keep_freed_memory()          # masks allocate weight-sized tensors a step (planc.memory)
-        self.start()
+        if start:
+            self.start()
 
     def start(self) -> None:
         """Apply the actions of step 0 (e.g. prune a pretrained model when its schedule
@@ -405,6 +408,10 @@ class Runtime:
         mask = self.masks[name]
         if int((~mask.alive).sum()) >= total:
             return 0
+        if self.method.calibrated:
+            raise RuntimeStateError(
+                f"method {self.method.name!r} prunes from calibration data, but layer {name!r} is not at its target: "
+                "call planc.obs_prune(pruned, batches) before attach() or start() (planc apply does)")
         weight = sharding.full(self.weight(name))   # scores see the whole weight (collective when sharded)
         with sharding.full_logits([mask]):
             scores = self.method.score(mask, weight)
