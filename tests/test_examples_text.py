@@ -15,8 +15,19 @@ def test_stdlib_docstrings_are_prose_from_the_listed_modules_and_repeatable():
     assert minilm_text._docstrings() == docs
 
 
+def test_library_docstrings_follow_re_exports_only_within_the_package():
+    # sklearn.svm re-exports classes defined in sklearn.svm._classes
+    pytest.importorskip("sklearn")
+    narrow = minilm_text._docstrings(["sklearn.svm"])
+    wide = minilm_text._docstrings(["sklearn.svm", "not_a_module_here"], package_wide=True)
+    assert set(wide) == {"sklearn.svm"}                   # a module that is not installed is left out
+    assert "C-Support Vector Classification" in wide["sklearn.svm"]
+    assert "C-Support Vector Classification" not in narrow["sklearn.svm"]
+
+
 def test_an_unknown_corpus_is_named():
-    with pytest.raises(ValueError, match="expected a corpus 'topics', 'stdlib-docstrings' or 'reviews', got 'wiki'"):
+    with pytest.raises(ValueError, match="expected a corpus 'topics', 'stdlib-docstrings', 'library-docstrings' "
+                                         "or 'reviews', got 'wiki'"):
         minilm_text._texts("wiki")
 
 
