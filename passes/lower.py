@@ -287,7 +287,7 @@ def _replace(gm: fx.GraphModule, use, module: nn.Module) -> fx.Node:
         i += 1
         name = f"{base}_{i}"
     g.add_submodule(name, module)
-    x = node.args[1] if node.target is torch.ops.aten.addmm.default else node.args[0]
+    x = use.input
     with g.graph.inserting_before(node):
         new = g.graph.call_module(name, (x,))
     new.meta = dict(node.meta)

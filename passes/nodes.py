@@ -65,6 +65,15 @@ class WeightUse:
     transposed: bool = False                  # weight stored (in, out), applied as x @ W (Conv1D-style)
 
     @property
+    def input(self):
+        """The value the layer multiplies by its weight: the first argument, or the
+        second of addmm(bias, x, W)."""
+        node = self.node
+        if node.op == "call_function" and node.target is aten.addmm.default:
+            return node.args[1]
+        return node.args[0] if node.args else node.kwargs.get("input")
+
+    @property
     def is_call_module(self) -> bool:
         return self.node.op == "call_module"
 

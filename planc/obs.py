@@ -56,11 +56,9 @@ from torch import fx, nn
 
 from planc.distill import self_teacher
 from planc.errors import PlancError
-from planc.mask import BlockMask
 
-from planc.passes.nodes import LINEAR_FUNCTIONS, WeightUse, weight_uses
+from planc.passes.nodes import WeightUse, weight_uses
 
-aten = torch.ops.aten
 PROBE = "_planc_obs_probe"
 
 
@@ -78,20 +76,6 @@ class _Probe(nn.Module):
     def forward(self, x):
         self.value = x
         raise _Reached
-
-
-def _input_node(use: WeightUse, name: str) -> fx.Node:
-    """The node whose value the layer multiplies by its weight."""
-    node = use.node
-    if node.op == "call_module" or node.target in LINEAR_FUNCTIONS:
-        x = node.args[0] if node.args else node.kwargs.get("input")
-    elif node.target is aten.addmm.default:
-        x = node.args[1]
-    else:                                          # aten.mm / aten.matmul: x @ Wᵀ or x @ W
-        x = node.args[0]
-    if not isinstance(x, fx.Node):
-        raise PlancError(f"obs: the input of layer {name!r} is not a graph value")
-    return x
 
 
 def _owner(gm: fx.GraphModule, owner: str) -> fx.GraphModule:
@@ -148,17 +132,14 @@ def _groups(module: fx.GraphModule, layers: Dict[str, str]) -> List[Tuple[str, s
         if use.op != "linear":
             convs.append(name)
             continue
-        out.setdefault((use.owner, _input_node(use, name).name), []).append((name, use))
+        x = use.input
+        if not isinstance(x, fx.Node):
+            raise PlancError(f"obs: the input of layer {name!r} is not a graph value")
+        out.setdefault((use.owner, x.name), []).append((name, use))
     if convs:
         raise PlancError(f"method obs reconstructs Linear layers only; these targets are convolutions: "
                          f"{', '.join(convs[:4])}{' ...' if len(convs) > 4 else ''} (skip them in targets, or use another method)")
     return [(owner, node, uses) for (owner, node), uses in out.items()]
-
-
-def _matrix(weight: torch.Tensor, mask: BlockMask) -> torch.Tensor:
-    """The layer's (out, in) matrix as float64."""
-    w = weight.detach().double()
-    return w.t() if mask.view.transposed else w
 
 
 def _slices(size: int, block: int) -> List[slice]:
@@ -274,22 +255,22 @@ def obs_prune(pruned, batches: Iterable[Any], *, damp: float = 0.01, log=None) -
         layers = {t.weight_target: t.name for t in pruned.targets if t.name in pruned.masks}
         for owner, node_name, uses in _groups(module, layers):
             t0 = time.perf_counter()
-            H = C = Ht = None
+            grams = []                                   # Σ X_sᵀX_s, X_sᵀX_t, X_tᵀX_t over the batches
             with _probed(_owner(module, owner), node_name) as ps, _probed(_owner(teacher, owner), node_name) as pt:
                 if ps is None or pt is None:
                     raise PlancError(f"obs: no input node {node_name!r} for layer {uses[0][0]!r}")
                 for args in batches:
                     xs, xt = _run_to(module, ps, args), _run_to(teacher, pt, args)
-                    H = xs.t() @ xs if H is None else H.add_(xs.t() @ xs)
-                    C = xs.t() @ xt if C is None else C.add_(xs.t() @ xt)
-                    Ht = xt.t() @ xt if Ht is None else Ht.add_(xt.t() @ xt)
+                    step = [xs.t() @ xs, xs.t() @ xt, xt.t() @ xt]
+                    grams = step if not grams else [g.add_(d) for g, d in zip(grams, step)]
+            H, C, Ht = grams
             for name, _ in uses:
                 mask, weight = pruned.masks[name], pruned.weight(name)
-                W = _matrix(weight, mask)
+                W = mask.view.to_matrix(weight.detach()).double()
                 count = runtime.target_blocks(name)
                 alive, new = choose_blocks(W, H, C, mask.view.block, count, damp)
-                cut = _matrix(mask.view.scale(weight.detach().double(), alive.double()), mask)
-                weight.copy_((new.t() if mask.view.transposed else new).to(weight.dtype))
+                cut = W * mask.view.to_matrix(mask.view.expand(alive.double()))
+                weight.copy_(mask.view.from_matrix(new).to(weight.dtype))
                 mask.alive.copy_(alive)
                 rec = {"name": name, "pruned": count,
                        "error_cut": round(_relative_error(W, cut, H, C, Ht), 6),
