@@ -96,8 +96,10 @@ def summary(plan: Plan) -> List[str]:
         lines.append(f"  rule {r.index}: {cond} -> {what}")
     o = tr.optimizer
     opt = f"{o.name} lr {o.lr:g}" + (f" momentum {o.momentum:g}" if o.name == "sgd" else f" betas {list(o.betas)}")
+    opt += " fused" if o.fused else ""
     lines.append(f"train    {tr.steps} steps  {opt} weight_decay {o.weight_decay:g}  lr {tr.lr_schedule}"
-                 f" (warmup {tr.warmup_steps})  eval_every {tr.eval_every or 'end'}  seed {tr.seed}")
+                 f" (warmup {tr.warmup_steps})  eval_every {tr.eval_every or 'end'}  seed {tr.seed}"
+                 + (f"  precision {tr.precision}" if tr.precision != "float32" else ""))
     if tr.data:
         lines.append(f"data     {tr.data.path}({_kwargs(tr.data.kwargs)})")
     lines += _distill_lines(tr)

@@ -27,9 +27,10 @@ zeros".
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from planc.passes.pipeline import copy_module
 from planc.passes.trace import TraceConfig, TracePass, TrainFlagOp, TrainSDPA
 from planc.plan.factory import call_factory
 from planc.plan.types import Distill, Plan
+from planc.precision import as_float
 
 TAP_MODULE = "planc_distill_taps"
 
@@ -190,14 +192,17 @@ class Distiller:
         self.taps = names
         self.parts = Parts()
 
-    def loss(self, x, y=None, forward=None) -> torch.Tensor:
+    def loss(self, x, y=None, forward=None, cast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
         """The weighted loss of one batch. `x`: the model's input (a tensor, a tuple of
         positional inputs or a dict of keyword inputs). `forward` runs the student view
-        (default: the view itself; the trainer passes its DDP wrapper of the view)."""
+        (default: the view itself; the trainer passes its DDP wrapper of the view).
+        `cast`: the context both forwards run in (planc.precision.autocast); the losses
+        are computed in float32 whatever it is."""
         c = self.config
-        with torch.no_grad():
-            ref = _call(self.teacher, x)
-        out = _call(forward or self.student, x)
+        with torch.no_grad(), cast():
+            ref = as_float(_call(self.teacher, x))
+        with cast():
+            out = as_float(_call(forward or self.student, x))
         for what, value in (("the student", out), ("the teacher", ref)):
             if not isinstance(value, torch.Tensor):
                 raise PlancError(f"{what} returned {type(value).__name__}; distillation compares tensors "

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from planc import distill, distributed, runfolder, sharding
+from planc import distill, distributed, precision, runfolder, sharding
 from planc.checkpoint import remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
 from planc.losses import compute_loss
@@ -43,11 +43,11 @@ def make_optimizer(plan: Plan, runtime: Runtime) -> torch.optim.Optimizer:
     o = plan.train.optimizer
     if o.name == "sgd":
         groups = runtime.param_groups(lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-        return torch.optim.SGD(groups, lr=o.lr)
+        return torch.optim.SGD(groups, lr=o.lr, fused=o.fused or None)
     if o.name in ("adam", "adamw"):
         groups = runtime.param_groups(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        return cls(groups, lr=o.lr)
+        return cls(groups, lr=o.lr, fused=o.fused or None)
     raise PlanError([plan.problem("train.optimizer.name", f"expected optimizer sgd, adam or adamw, got {o.name!r}")])
 
 
@@ -419,6 +419,7 @@ class _Run:
         trained = self.distiller.student if self.distiller is not None else self.module
         self.forward = DistributedDataParallel(trained) if ranks.world > 1 and not self.fsdp else trained
         self.last_loss, self.metric = float("nan"), None
+        self.cast = precision.autocast(plan.train.precision, self.module)   # the training forward's context
 
     def loop(self, stop_after: Optional[int], progress: Optional[bool]) -> bool:
         """Train to the end of the schedule (True), or stop after `stop_after` steps (False)."""
@@ -451,9 +452,11 @@ class _Run:
             g["lr"] = base * factor
         x, y, share = self.ranks.share(*_split_batch(next(self.batches)))
         if self.distiller is not None:
-            loss = self.distiller.loss(x, y, forward=self.forward)
+            loss = self.distiller.loss(x, y, forward=self.forward, cast=self.cast)
         else:
-            loss = compute_loss(train.loss, self.forward(x), y)
+            with self.cast():
+                out = precision.as_float(self.forward(x))
+            loss = compute_loss(train.loss, out, y)
         global_loss = float(self.ranks.mean(loss.detach() * share))   # every rank sees the same value
         if not math.isfinite(global_loss):
             raise PlancError(f"the loss became {global_loss} at step {step}; lower the learning rate")

@@ -136,6 +136,7 @@ class Optimizer:
     momentum: float = 0.9
     weight_decay: float = 0.0
     betas: Tuple[float, float] = (0.9, 0.999)
+    fused: bool = False                          # torch's fused optimizer step (one kernel for all parameters)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class Train:
     seed: int = 0
     distributed: str = "ddp"                     # under torchrun: ddp | fsdp (planc.sharding)
     dropout: bool = True                         # False: dropout off while training
+    precision: str = "float32"                   # float32 | bfloat16 (autocast of the training forward)
     distill: Optional[Distill] = None            # None: train on train.loss alone
 
 

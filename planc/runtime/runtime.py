@@ -92,8 +92,10 @@ class Runtime:
         self.started = False
         self.events: List[dict] = []
         self.events_path = events_path
-        # fixed-support phases on the block-sparse kernels (planc.runtime.sparse_phases)
-        self.kernels = KernelPhases(module, self.masks, weight, plan.schedule.sparse_kernels)
+        # fixed-support phases on the block-sparse kernels (planc.runtime.sparse_phases); the
+        # kernels are float32 code, so a bfloat16 autocast run keeps every layer dense
+        setting = False if plan.train.precision == "bfloat16" else plan.schedule.sparse_kernels
+        self.kernels = KernelPhases(module, self.masks, weight, setting)
 
     def record_to(self, events_path: Optional[str]) -> None:
         """Append every event from now on to `events_path` (JSON lines; None: keep them

@@ -1,0 +1,100 @@
+"""train.precision (bfloat16 autocast of the training forward) and train.optimizer.fused."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import planc
+from planc import distill, precision
+from planc.errors import PlanError
+from planc.plan import dump_plan
+from planc.runfolder import CHECKPOINT
+from planc.train import make_optimizer, train
+from test_distill import distill_section, plan_data
+
+
+def _plan(**train_kw):
+    return planc.load_plan(plan_data(**train_kw))
+
+
+def test_the_distillers_loss_under_bfloat16_is_float32_and_close_to_the_float32_loss():
+    torch.manual_seed(0)
+    plan = _plan(dropout=False, distill=distill_section())
+    model = __import__("planc.examples.digits", fromlist=["mlp"]).mlp(hidden=32, dropout=0.3)
+    pruned = planc.compile(model, plan)
+    d = distill.from_plan(plan, pruned)
+    with torch.no_grad():                                     # the student moves away from its teacher
+        for p in pruned.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pruned.module.eval()                                      # no dropout: the two losses see one network
+    x = torch.randn(32, 64)
+    exact = d.loss(x)
+    parts_exact = (d.parts.output, d.parts.hidden)
+    mixed = d.loss(x, cast=precision.autocast("bfloat16", pruned.module))
+    assert mixed.dtype == torch.float32
+    # bfloat16 keeps 8 bits: the loss moves, by about its rounding and not more
+    assert mixed.item() != exact.item()
+    assert mixed.item() == pytest.approx(exact.item(), rel=0.05)
+    assert all(a != b and b == pytest.approx(a, rel=0.05) for a, b in zip(parts_exact, (d.parts.output, d.parts.hidden)))
+    mixed.backward()
+    grads = [p.grad for p in pruned.module.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)
+
+
+@pytest.mark.parametrize("with_distill", [False, True])
+def test_a_bfloat16_run_trains_close_to_the_float32_run_and_keeps_float32_weights(with_distill):
+    extra = {"dropout": False, "distill": distill_section()} if with_distill else {}
+    f32 = train(_plan(steps=20, **extra), None, progress=False)
+    b16 = train(_plan(steps=20, precision="bfloat16", **extra), None, progress=False)
+    la, lb = f32.history[-1]["train_loss"], b16.history[-1]["train_loss"]
+    assert la != lb and lb == pytest.approx(la, rel=0.2)
+    assert b16.report["mean_sparsity"] == pytest.approx(0.75, abs=0.01)
+    assert all(t.dtype == torch.float32 for t in b16.baked.state_dict().values() if t.is_floating_point())
+    assert b16.report["sparse_kernels"]["setting"] == "auto"      # the plan's setting, as written
+    assert b16.pruned.pruning_runtime().kernels.setting is False  # the float32 kernels stay off
+
+
+def test_bfloat16_with_a_fused_optimizer_resumes_bitwise(tmp_path):
+    data = plan_data(steps=24, dropout=False, checkpoint_every=7, precision="bfloat16", distill=distill_section())
+    data["train"]["optimizer"] = {"name": "adamw", "lr": 0.01, "fused": True}
+    plan = planc.load_plan(data)
+    ref, part = str(tmp_path / "ref"), str(tmp_path / "part")
+    assert train(plan, ref, progress=False).finished
+    first = train(plan, part, progress=False, stop_after=10)
+    assert not first.finished and os.path.isfile(os.path.join(part, CHECKPOINT))
+    assert train(plan, part, resume=True, progress=False).finished
+    a, b = planc.runfolder.state_dict(ref), planc.runfolder.state_dict(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name,extra", [("sgd", {"momentum": 0.9}), ("adam", {}), ("adamw", {})])
+def test_fused_reaches_the_optimizer_and_is_off_by_default(name, extra):
+    for fused in (False, True):
+        data = plan_data()
+        data["train"]["optimizer"] = {"name": name, "lr": 0.01, "fused": fused, **extra}
+        plan = planc.load_plan(data)
+        pruned = planc.compile(__import__("planc.examples.digits", fromlist=["mlp"]).mlp(hidden=32), plan)
+        opt = make_optimizer(plan, pruned.pruning_runtime())
+        assert bool(opt.defaults.get("fused")) is fused
+
+
+def test_precision_and_fused_round_trip_and_their_mistakes_are_placed():
+    data = plan_data(precision="bfloat16")
+    data["train"]["optimizer"]["fused"] = True
+    plan = planc.load_plan(data)
+    assert plan.train.precision == "bfloat16" and plan.train.optimizer.fused is True
+    assert planc.load_plan(dump_plan(plan)) == plan
+    assert planc.load_plan(plan_data()).train.precision == "float32"
+    text = dump_plan(plan)
+    cases = [
+        (text.replace("precision: bfloat16", "precision: float16"), "train.precision"),
+        (text.replace("fused: true", "fused: 1"), "fused"),
+        (text.replace("sparse_kernels: auto", "sparse_kernels: true"), "float32 only"),
+    ]
+    for bad, message in cases:
+        assert bad != text
+        with pytest.raises(PlanError, match=message) as err:
+            planc.load_plan(bad)
+        assert ":" in str(err.value).splitlines()[0]                 # placed at a line and column
