@@ -6,10 +6,10 @@ bfloat16 inputs, while the weights, their gradients, the optimizer state, the lo
 and evaluation stay float32. Losses are computed on outputs cast back to float32
 (`as_float`), so their sums do not round to bfloat16's 8 bits.
 
-On the CPU, scaled_dot_product_attention runs on its math kernel under bfloat16:
-torch 2.13's CPU flash-attention backward in bfloat16 took 43 ms of a 290 ms MiniLM
-step (batch 16 × 32 tokens, 2 threads, AMD EPYC) where the math kernel takes 7
-(docs/runtime.md, "Mixed precision").
+On the CPU, scaled_dot_product_attention runs on its math kernel under bfloat16: with
+torch 2.13 the CPU flash-attention kernel's bfloat16 backward is the slower of the two at
+the short sequences pruning runs distil on (a MiniLM step at 16 × 32 tokens: 234 ms
+against 243, benchmarks/train_precision.py; docs/runtime.md, "Mixed precision").
 """
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def autocast(precision: str, module: nn.Module) -> Callable[[], ContextManager]:
             yield
 
     return context
+
+
+def slow_on_this_cpu(precision: str, module: nn.Module) -> bool:
+    """True when bfloat16 is asked for on a CPU that oneDNN says has no bfloat16 matrix
+    instructions (AVX512-BF16 or AMX): there its products are emulated, slower than float32."""
+    if precision != "bfloat16" or _device_type(module) != "cpu":
+        return False
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):      # a build without oneDNN: nothing known either way
+        return False
 
 
 def as_float(value: Any) -> Any:

@@ -420,6 +420,9 @@ class _Run:
         self.forward = DistributedDataParallel(trained) if ranks.world > 1 and not self.fsdp else trained
         self.last_loss, self.metric = float("nan"), None
         self.cast = precision.autocast(plan.train.precision, self.module)   # the training forward's context
+        if precision.slow_on_this_cpu(plan.train.precision, self.module):
+            log("planc: warning: this CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX); "
+                "train.precision bfloat16 will be slower than float32 here")
 
     def loop(self, stop_after: Optional[int], progress: Optional[bool]) -> bool:
         """Train to the end of the schedule (True), or stop after `stop_after` steps (False)."""

@@ -98,3 +98,13 @@ def test_precision_and_fused_round_trip_and_their_mistakes_are_placed():
         with pytest.raises(PlanError, match=message) as err:
             planc.load_plan(bad)
         assert ":" in str(err.value).splitlines()[0]                 # placed at a line and column
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_is_said_to_be_slow(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    said = []
+    train(_plan(steps=16, precision="bfloat16"), None, progress=False, stop_after=1, log=said.append)
+    assert any("no bfloat16 matrix instructions" in line for line in said)
+    said.clear()
+    train(_plan(steps=16), None, progress=False, stop_after=1, log=said.append)
+    assert not any("bfloat16" in line for line in said)
