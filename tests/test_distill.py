@@ -172,3 +172,34 @@ def test_a_view_keeps_the_graphs_plain_tensor_constants():
     x = torch.randn(2, 4)
     assert names == ("inner",) and torch.equal(view(x), gm(x))
     assert torch.equal(recorder.values["inner"], gm.inner(x))
+
+
+def test_the_historys_distillation_terms_are_means_since_the_last_evaluation(tmp_path):
+    """distill_* in the history average every step since the previous evaluation (one
+    batch is a noisy statistic), and a resumed run records exactly the same means."""
+    data = plan_data(steps=24, dropout=False, checkpoint_every=5, distill=distill_section())
+    data["train"]["eval_every"] = 8
+    plan = planc.load_plan(data)
+    seen = []
+    original = distill.Distiller.loss
+
+    def spy(self, *a, **k):
+        loss = original(self, *a, **k)
+        seen.append((self.parts.output, self.parts.hidden))
+        return loss
+
+    distill.Distiller.loss = spy
+    try:
+        whole = train(plan, str(tmp_path / "whole"), progress=False)
+    finally:
+        distill.Distiller.loss = original
+    assert len(seen) == 24 and [h["step"] for h in whole.history] == [8, 16, 24]
+    for i, entry in enumerate(whole.history):
+        chunk = seen[8 * i:8 * (i + 1)]
+        assert entry["distill_output"] == pytest.approx(sum(o for o, _ in chunk) / 8, rel=1e-12)
+        assert entry["distill_hidden"] == pytest.approx(sum(h for _, h in chunk) / 8, rel=1e-12)
+        assert entry["distill_hidden"] != chunk[-1][1]                 # not the last batch's value
+    part = str(tmp_path / "part")
+    assert not train(plan, part, progress=False, stop_after=13).finished     # checkpoint at 10, mid-interval
+    resumed = train(plan, part, resume=True, progress=False)
+    assert resumed.history == whole.history
