@@ -92,6 +92,7 @@ def test_precision_and_fused_round_trip_and_their_mistakes_are_placed():
         (text.replace("precision: bfloat16", "precision: float16"), "train.precision"),
         (text.replace("fused: true", "fused: 1"), "fused"),
         (text.replace("sparse_kernels: auto", "sparse_kernels: true"), "float32 only"),
+        (text.replace("distributed: ddp", "distributed: fsdp"), "not supported"),
     ]
     for bad, message in cases:
         assert bad != text

@@ -312,6 +312,9 @@ def _check_model_and_train(data: dict, found: _Found) -> None:
     _, steps = _steps(data)
     if warm is not None and steps is not None and warm > steps:
         found.add(("train", "warmup_steps"), f"warmup_steps = {warm} is longer than train.steps = {steps}")
+    if opt.get("fused") is True and _get(data, "train", "distributed") == "fsdp":
+        found.add(("train", "optimizer", "fused"), "a fused optimizer under train.distributed fsdp is not "
+                  "supported (use ddp)", key=True)
     if _get(data, "train", "precision") == "bfloat16":
         if _get(data, "schedule", "sparse_kernels") is True:
             found.add(("schedule", "sparse_kernels"), "the block-sparse kernels train in float32 only: "
