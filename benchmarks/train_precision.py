@@ -41,7 +41,8 @@ def main() -> None:
     d = distill.from_plan(plan, pruned)
     pruned.module.train()
     distill.set_dropout(pruned.module, False)
-    batch, seq = plan.train.data.kwargs_dict()["batch_size"], plan.train.data.kwargs_dict()["seq"]
+    data = plan.train.data.kwargs_dict()
+    batch, seq = data["batch_size"], data["seq"]
     x = torch.randint(1000, 20000, (batch, seq))
     params = [p for p in pruned.module.parameters() if p.requires_grad]
     lr = plan.train.optimizer.lr

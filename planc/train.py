@@ -339,9 +339,37 @@ def _open_output(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwri
     return _Session(out, ranks.main, output)
 
 
-def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Batches") -> Tuple[List[dict], dict, dict, int]:
-    """Load a checkpoint's state into the run; (history, timings, the distillation terms'
-    sums since the last evaluation, the steps they sum). A state that does not
+class IntervalMeans:
+    """Each distillation term's mean over the steps since the last evaluation (the run
+    history's distill_*); its sums are part of the checkpoint, so resume records the same."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, terms: Dict[str, Optional[float]]) -> None:
+        for k, v in terms.items():
+            if v is not None:
+                self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def take(self) -> Dict[str, float]:
+        """The means, then start a new interval ({} when no step was added)."""
+        means = {k: v / self.steps for k, v in self.sums.items()} if self.steps else {}
+        self.sums, self.steps = {}, 0
+        return means
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "steps": self.steps}
+
+    def restore(self, state: dict) -> None:
+        self.sums = {str(k): float(v) for k, v in state["sums"].items()}
+        self.steps = int(state["steps"])
+
+
+def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Batches",
+             means: IntervalMeans) -> Tuple[List[dict], dict]:
+    """Load a checkpoint's state into the run; (history, timings). A state that does not
     fit this run is a RunFolderError naming the file. The checkpoint holds full tensors
     (also of a sharded run: _checkpoint_state); a sharded run takes its slices."""
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
@@ -352,8 +380,8 @@ def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Ba
         sharding.load_optimizer_state(opt, state["optimizer"])
         batches.restore(state["loader"])
         _set_rng_state(state["rng"])
-        sums = {str(k): float(v) for k, v in state.get("distill_sums", {}).items()}   # older checkpoints: none
-        return list(state["history"]), dict(state["timings"]), sums, int(state.get("distill_steps", 0))
+        means.restore(state.get("distill_means", {"sums": {}, "steps": 0}))   # older checkpoints: none
+        return list(state["history"]), dict(state["timings"])
     except RuntimeStateError as err:
         raise RunFolderError(f"{used}: {err}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
@@ -377,8 +405,8 @@ def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bo
     if threads == "auto":
         torch.set_num_threads(pick_threads(run.module))
     if session.output is not None and session.output.action == "resume":
-        run.history, run.timings, run.distill_sums, run.distill_steps = _restore(
-            session.output.state, session.output.state_file, run.pruned, run.runtime, run.opt, run.batches)
+        run.history, run.timings = _restore(session.output.state, session.output.state_file, run.pruned,
+                                            run.runtime, run.opt, run.batches, run.distill_means)
         log(f"planc: resumed {out} at step {run.runtime.t}")
     if not run.loop(stop_after, progress if ranks.main else False):
         return TrainResult(out, run.pruned, None, {}, run.history, finished=False, main=ranks.main)
@@ -421,9 +449,7 @@ class _Run:
         trained = self.distiller.student if self.distiller is not None else self.module
         self.forward = DistributedDataParallel(trained) if ranks.world > 1 and not self.fsdp else trained
         self.last_loss, self.metric = float("nan"), None
-        # the distillation terms summed since the last evaluation, and the steps summed
-        self.distill_sums: Dict[str, float] = {}
-        self.distill_steps = 0
+        self.distill_means = IntervalMeans()
         self.cast = precision.autocast(plan.train.precision, self.module)   # the training forward's context
         if precision.slow_on_this_cpu(plan.train.precision, self.module):
             log("planc: warning: this CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX); "
@@ -474,10 +500,7 @@ class _Run:
         self.runtime.step()
         self.last_loss = global_loss
         if self.distiller is not None:
-            for k, v in vars(self.distiller.parts).items():
-                if v is not None:
-                    self.distill_sums[k] = self.distill_sums.get(k, 0.0) + v
-            self.distill_steps += 1
+            self.distill_means.add(vars(self.distiller.parts))
         spent = time.perf_counter() - t0
         self.timings["train_s"] += spent
         for slot, phase in zip(self.timings.get("phase_steps", ()), self.plan.schedule.phases):
@@ -498,9 +521,8 @@ class _Run:
             self.train_mode()                             # evaluate() restored train mode, dropout included
         self.timings["eval_s"] += time.perf_counter() - t1
         entry = {"step": self.runtime.t, "train_loss": self.last_loss, **m}
-        if self.distill_steps:                            # each term's mean since the last evaluation, unweighted
-            entry.update({f"distill_{k}": v / self.distill_steps for k, v in self.distill_sums.items()})
-            self.distill_sums, self.distill_steps = {}, 0
+        # each distillation term's mean since the last evaluation, unweighted
+        entry.update({f"distill_{k}": v for k, v in self.distill_means.take().items()})
         self.history.append(entry)
         self.runtime.record({"event": "eval", **entry})
         self.metric = m.get("accuracy", m["loss"])
@@ -521,7 +543,7 @@ class _Run:
         save_state_keep_previous(self.session.checkpoint_path, {
             "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(self.plan), "step": self.runtime.t, **state,
             "loader": self.batches.state(), "rng": _rng_state(), "history": self.history, "timings": self.timings,
-            "distill_sums": self.distill_sums, "distill_steps": self.distill_steps,
+            "distill_means": self.distill_means.state(),
         })
 
     def finish(self, t_start: float) -> TrainResult:
