@@ -15,6 +15,20 @@ def test_stdlib_docstrings_are_prose_from_the_listed_modules_and_repeatable():
     assert minilm_text._docstrings() == docs
 
 
+def test_the_whole_standard_library_corpus_walks_packages_and_leaves_out_what_must_not_be_imported():
+    modules = minilm_text._stdlib_modules()
+    assert {"json", "json.decoder", "email.mime.text", "xml.etree.ElementTree"} <= set(modules)
+    assert set(minilm_text._DOC_MODULES) <= set(modules)
+    assert minilm_text._stdlib_modules() == modules                # the same list every time
+    for name in modules:
+        top, *rest = name.split(".")
+        assert top not in minilm_text._STDLIB_LEFT_OUT and not top.startswith("_"), name
+        assert not any(part.startswith("_") or part in ("test", "tests") for part in rest), name
+    every, listed = minilm_text._texts("stdlib-all-docstrings"), minilm_text._texts("stdlib-docstrings")
+    assert sum(map(len, every.values())) > 2 * sum(map(len, listed.values()))
+    assert all(every[m] == listed[m] for m in listed)      # the same docstrings, module by module
+
+
 def test_library_docstrings_follow_re_exports_only_within_the_package():
     # sklearn.svm re-exports classes defined in sklearn.svm._classes
     pytest.importorskip("sklearn")
@@ -26,8 +40,8 @@ def test_library_docstrings_follow_re_exports_only_within_the_package():
 
 
 def test_an_unknown_corpus_is_named():
-    with pytest.raises(ValueError, match="expected a corpus 'topics', 'stdlib-docstrings', 'library-docstrings' "
-                                         "or 'reviews', got 'wiki'"):
+    with pytest.raises(ValueError, match="expected a corpus 'topics', 'stdlib-docstrings', 'stdlib-all-docstrings', "
+                                         "'library-docstrings' or 'reviews', got 'wiki'"):
         minilm_text._texts("wiki")
 
 
