@@ -49,6 +49,8 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
+import pkgutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Dict, Tuple
@@ -108,9 +110,6 @@ def _stdlib_modules() -> Tuple[str, ...]:
     """Every public standard-library module of this Python (sys.stdlib_module_names) and
     its public submodules, less `_STDLIB_LEFT_OUT`: the packages in sorted order, each
     followed by its submodules in pkgutil's (sorted) order. Imports every package."""
-    import pkgutil
-    import sys
-
     names = []
     for top in sorted(sys.stdlib_module_names):
         if top.startswith("_") or top in _STDLIB_LEFT_OUT:
