@@ -19,6 +19,7 @@ The loss, with the weights of `train.distill` (planc.plan.types.Distill):
   + output · L_out(out, out_T)                          mse: mean (out − out_T)²
                                                         cosine: mean over rows of 1 − cos
                                                         kl: T² · KL(softmax(out_T/T) ‖ softmax(out/T)), per row
+                                                        (a row equal to the teacher's: exactly 0)
   + hidden · mean over taps k of ‖h_k − h_T,k‖² / ‖h_T,k‖²
 
 The hidden term is each tap's squared error relative to the teacher's, over every token
@@ -133,15 +134,23 @@ def tap(gm: fx.GraphModule, patterns: Sequence[str]) -> Tuple[fx.GraphModule, _R
 
 
 def output_loss(kind: str, out: torch.Tensor, ref: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The output term, a mean over rows (the first dimension). A row the student computes
+    exactly as its teacher adds exactly zero, gradient included: 1 − cos(x, x) and KL(p ‖ p)
+    are rounding noise in floating point, and Adam divides a gradient by its own size, so
+    noise would move every weight by the full learning rate while there is nothing to learn
+    (a dense phase with a self teacher). mse needs no care: equal values give exact zeros."""
     if kind == "mse":
         return F.mse_loss(out, ref)
+    if kind not in ("cosine", "kl"):
+        raise PlancError(f"expected output_loss mse, cosine or kl, got {kind!r}")
+    rows = out.shape[0]
+    differ = (out != ref).reshape(rows, -1).any(dim=1)
+    out, ref = out[differ], ref[differ]
     if kind == "cosine":
-        return (1.0 - F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1)).mean()
-    if kind == "kl":
-        t = temperature
-        return F.kl_div(F.log_softmax(out / t, dim=-1), F.log_softmax(ref / t, dim=-1), log_target=True,
-                        reduction="batchmean") * (t * t)
-    raise PlancError(f"expected output_loss mse, cosine or kl, got {kind!r}")
+        return (1.0 - F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1)).sum() / rows
+    t = temperature
+    return F.kl_div(F.log_softmax(out / t, dim=-1), F.log_softmax(ref / t, dim=-1), log_target=True,
+                    reduction="sum") / rows * (t * t)
 
 
 def hidden_loss(hs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -203,3 +203,38 @@ def test_the_historys_distillation_terms_are_means_since_the_last_evaluation(tmp
     assert not train(plan, part, progress=False, stop_after=13).finished     # checkpoint at 10, mid-interval
     resumed = train(plan, part, resume=True, progress=False)
     assert resumed.history == whole.history
+
+
+@pytest.mark.parametrize("output_loss", ["cosine", "kl", "mse"])
+def test_a_student_equal_to_its_teacher_gets_no_gradient_not_rounding_noise(output_loss):
+    """Where the student computes exactly its teacher's output, its loss and gradient are
+    exactly zero. Rounding noise instead (1 − cos(x, x) is not 0 in floating point) is
+    what Adam divides by its own size: a dense phase with a self teacher then moved every
+    weight by the full learning rate and left the teacher (MiniLM, ACDC's first dense
+    phase: cosine 0.82 after 1,000 steps of "nothing to learn")."""
+    torch.manual_seed(0)
+    plan = planc.load_plan(plan_data(dropout=False))
+    pruned = planc.compile(__import__("planc.examples.digits", fromlist=["mlp"]).mlp(hidden=32, dropout=0.3), plan)
+    d = distill.Distiller(pruned.module, distill.self_teacher(pruned.module),
+                          Distill(output=1.0, output_loss=output_loss, hidden=1.0, modules=tuple(TAPS)), "cross_entropy")
+    for module in (pruned.module, d.student):
+        module.train()
+        distill.set_dropout(module, False)
+    loss = d.loss(torch.randn(64, 64) * 3)
+    loss.backward()
+    grads = [p.grad for p in pruned.module.parameters() if p.grad is not None]
+    assert grads and float(loss.detach()) == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads), max(float(g.abs().max()) for g in grads)
+
+
+def test_a_dense_phase_under_adam_with_a_self_teacher_keeps_the_dense_model():
+    """Every phase keeps the model's function except for what it prunes: ten dense steps
+    of Adam towards the model's own outputs leave the student equal to its teacher."""
+    data = plan_data(steps=20, dropout=False, distill=distill_section(output_loss="cosine"))
+    data["method"] = {"name": "acdc"}
+    data["schedule"] = {"phases": [{"phase": "dense", "steps": 10}, {"phase": "finetune", "steps": 10}]}
+    data["train"]["optimizer"] = {"name": "adam", "lr": 0.01}
+    result = train(planc.load_plan(data), None, progress=False, stop_after=10)
+    assert [e["step"] for e in result.history] == list(range(1, 11))
+    assert all(e["distill_output"] == 0.0 and e["distill_hidden"] == 0.0 for e in result.history), \
+        [(e["distill_output"], e["distill_hidden"]) for e in result.history]
