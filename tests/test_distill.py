@@ -238,3 +238,23 @@ def test_a_dense_phase_under_adam_with_a_self_teacher_keeps_the_dense_model():
     assert [e["step"] for e in result.history] == list(range(1, 11))
     assert all(e["distill_output"] == 0.0 and e["distill_hidden"] == 0.0 for e in result.history), \
         [(e["distill_output"], e["distill_hidden"]) for e in result.history]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "kl"])
+def test_rows_equal_to_the_teachers_add_nothing_and_the_others_keep_their_mean_over_all_rows(kind):
+    torch.manual_seed(0)
+    ref = torch.randn(8, 5, 16)
+    out = ref.clone()
+    out[:3] += 0.3 * torch.randn(3, 5, 16)
+    out.requires_grad_(True)
+    loss = distill.output_loss(kind, out, ref, temperature=2.0)
+    loss.backward()
+    if kind == "cosine":
+        per_row = 1.0 - F.cosine_similarity(out[:3].detach().flatten(1), ref[:3].flatten(1), dim=-1)
+        expected = per_row.sum() / 8
+    else:
+        expected = F.kl_div(F.log_softmax(out[:3].detach() / 2, -1), F.log_softmax(ref[:3] / 2, -1),
+                            log_target=True, reduction="sum") / 8 * 4
+    assert float(expected) > 1e-3
+    assert torch.allclose(loss.detach(), expected, rtol=1e-5)
+    assert torch.count_nonzero(out.grad[3:]) == 0 and torch.count_nonzero(out.grad[:3]) > 0
