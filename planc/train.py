@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from planc import distill, distributed, precision, runfolder, sharding
+from planc import distill, distributed, precision, runfolder, sharding, timing
 from planc.checkpoint import remove_checkpoints, save_state_keep_previous
 from planc.errors import PlancError, PlanError, Problem, RunFolderError, RuntimeStateError
 from planc.losses import compute_loss
@@ -451,9 +451,10 @@ class _Run:
         self.last_loss, self.metric = float("nan"), None
         self.distill_means = IntervalMeans()
         self.cast = precision.autocast(plan.train.precision, self.module)   # the training forward's context
-        if precision.slow_on_this_cpu(plan.train.precision, self.module):
-            log("planc: warning: this CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX); "
-                "train.precision bfloat16 will be slower than float32 here")
+        slower = precision.slower_on_this_cpu(plan.train.precision, self.module)
+        if slower is not None:
+            log(f"planc: warning: on this CPU ({timing.cpu_model()}) a bfloat16 matrix product runs at "
+                f"{slower:.2f}x the float32 speed; train.precision bfloat16 will train slower than float32 here")
 
     def loop(self, stop_after: Optional[int], progress: Optional[bool]) -> bool:
         """Train to the end of the schedule (True), or stop after `stop_after` steps (False)."""
