@@ -18,7 +18,8 @@ from planc.timing import interleaved
 
 def lower_and_measure(baked: torch.nn.Module, plan: Plan, inputs: Sequence[torch.Tensor], repeats: int = 20) -> dict:
     """{backend, layers (per-layer decisions), max_rel_error, baked_ms, lowered_ms, speedup}.
-    `lowered_ms`/`speedup` are measured on `inputs` (the plan's example inputs)."""
+    `lowered_ms`/`speedup` are measured on `inputs` (in `planc apply`, the plan's
+    lower.example_inputs, else its model.example_inputs: planc.pruned.lowering_inputs_for)."""
     return lower_for_run(baked, plan, inputs, repeats)[0]
 
 

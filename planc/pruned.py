@@ -12,7 +12,7 @@ first use.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -33,17 +33,23 @@ def as_plan(plan) -> Plan:
     return plan if isinstance(plan, Plan) else load_plan(plan)
 
 
-def example_inputs_for(spec: ModelSpec, seed: int = 0) -> Tuple[torch.Tensor, ...]:
-    """Inputs of the plan's example shapes: standard normal floats, or token ids in
-    [0, 100) for int64 (small ids are valid in any vocabulary worth pruning)."""
+def example_inputs_for(spec: ModelSpec, seed: int = 0, shapes: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, ...]:
+    """Inputs of the plan's example shapes (or of `shapes`): standard normal floats, or
+    token ids in [0, 100) for int64 (small ids are valid in any vocabulary worth pruning)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for shape in spec.example_inputs:
+    for shape in spec.example_inputs if shapes is None else shapes:
         if spec.input_dtype == "int64":
             out.append(torch.randint(0, 100, tuple(shape), generator=g, dtype=torch.int64))
         else:
             out.append(torch.randn(tuple(shape), generator=g, dtype=getattr(torch, spec.input_dtype)))
     return tuple(out)
+
+
+def lowering_inputs_for(plan: Plan) -> Tuple[torch.Tensor, ...]:
+    """The inputs `planc apply` decides and times the lowering on: the plan's
+    lower.example_inputs (the batch the model serves), else its tracing example."""
+    return example_inputs_for(plan.model, shapes=plan.lower.example_inputs or None)
 
 
 def compile(model: nn.Module, plan, example_inputs=None, *, frontend: Optional[str] = None,

@@ -29,7 +29,7 @@ from planc.lowering import lower_for_run
 from planc.plan.factory import call_factory
 from planc.plan.types import Plan
 from planc.pruned import compile as planc_compile
-from planc.pruned import example_inputs_for
+from planc.pruned import example_inputs_for, lowering_inputs_for
 from planc.runtime import Runtime
 from planc.safeio import create_empty
 from torch.nn.parallel import DistributedDataParallel
@@ -568,7 +568,7 @@ class _Run:
             report["distributed"] = plan.train.distributed
         lowered = None
         if plan.lower.backend != "dense" and self.ranks.main:
-            report["lowering"], lowered = lower_for_run(baked, plan, example_inputs_for(plan.model))
+            report["lowering"], lowered = lower_for_run(baked, plan, lowering_inputs_for(plan))
         if session.writes:
             t3 = time.perf_counter()
             runfolder.write(session.out, plan, written, baked, report, self.runtime.events, lowered=lowered,

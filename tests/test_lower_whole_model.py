@@ -126,3 +126,23 @@ def test_a_model_that_fails_on_the_inputs_is_still_lowered_by_the_graph_shapes()
     lowering.record_shapes(baked, (torch.randn(4, 64),))
     fc = next(n for n in baked.graph.nodes if n.op == "call_module" and n.target == "layers.0")
     assert tuple(fc.meta["tensor_meta"].shape) == (4, 128)
+
+
+@pytest.mark.parametrize("serving", [None, [256, 64]])
+def test_apply_decides_and_times_the_lowering_on_lower_example_inputs(tmp_path, monkeypatch, fake_times, serving):
+    """A model traced on one batch (32 rows) and served at another: `planc apply` records
+    shapes, times each layer and checks the whole model on lower.example_inputs when the
+    plan gives them, else on model.example_inputs."""
+    from planc.train import train
+
+    fake_times["ratio"] = 2.0
+    seen = []
+    monkeypatch.setattr(lower_pass, "_measure_linear", lambda module, weight, bias, tokens: seen.append(tokens) or 3.0)
+    text = (open("plans/digits-tiny.yaml").read()         # 60 steps: the shortest the paper preset allows
+            .replace("{hidden: 64}", "{hidden: 256}").replace("block: [8, 8], sparsity: 0.75", "block: [16, 16], sparsity: 0.9"))
+    text += "lower: {backend: cpu" + (f", example_inputs: [{serving}]" if serving else "") + "}\n"
+    result = train(planc.load_plan(text), str(tmp_path / "run"), progress=False, log=lambda s: None)
+    rows = 256 if serving else 32
+    assert result.report["lowering"]["inputs"] == [[rows, 64]]
+    assert seen and set(seen) == {rows}, result.report["lowering"]["layers"]
+    assert result.report["lowering"]["lowered_layers"] == 2 and fake_times["calls"] == 1

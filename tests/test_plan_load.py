@@ -105,6 +105,26 @@ def test_yaml_1_2_floats_are_numbers():
     assert plan.train.optimizer.lr == 1e-4
 
 
+TRACED = "version: 1\nmodel: {factory: planc.examples.digits:mlp, example_inputs: [[32, 64]]}\nmethod: {name: acdc}\n"
+
+
+def test_lower_example_inputs_resolve_round_trip_and_default_to_none():
+    plan = load_plan(TRACED + "lower: {example_inputs: [[512, 64]]}\n")
+    assert plan.lower.example_inputs == ((512, 64),) and plan.model.example_inputs == ((32, 64),)
+    assert load_plan(dump_plan(plan)) == plan
+    assert load_plan(TRACED).lower.example_inputs == ()
+    assert "example_inputs" not in dump_plan(load_plan(TRACED)).split("lower:")[1]
+
+
+@pytest.mark.parametrize("shapes,message", [
+    ("[[8, 64], [8]]", "2 input shape(s) for a model traced with 1 (model.example_inputs): give one shape per model input"),
+    ("[[0, 64]]", "expected a list of input shapes, each a list of positive integers, got [[0, 64]]"),
+])
+def test_lower_example_inputs_mistakes_are_placed(shapes, message):
+    (p,) = problems(TRACED + f"lower: {{backend: cpu, example_inputs: {shapes}}}\n")
+    assert (p.line, p.col, p.path, p.message) == (4, 39, "lower.example_inputs", message)
+
+
 def test_anchors_and_merge_keys_are_fine():
     text = textwrap.dedent("""\
         version: 1

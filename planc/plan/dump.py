@@ -98,7 +98,7 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
         "method": method,
         "schedule": schedule,
         "train": train,
-        "lower": _section(lo),
+        "lower": _section(lo, example_inputs=[list(s) for s in lo.example_inputs] or None),
     }
     if plan.output is not None:
         out["output"] = plan.output

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from planc.errors import PlanError, Problem
 from planc.plan import presets
@@ -296,6 +296,10 @@ def _check_model_and_train(data: dict, found: _Found) -> None:
         found.add(("model", "kwargs"), "kwargs without a factory: add model.factory", key=True)
     if "factory" in model and "example_inputs" not in model:
         found.add(("model",), "model.factory needs model.example_inputs (the input shapes used to trace)")
+    traced, lowered = _get(model, "example_inputs", kind=list), _get(data, "lower", "example_inputs", kind=list)
+    if isinstance(traced, list) and lowered is not None and len(lowered) != len(traced):
+        found.add(("lower", "example_inputs"), f"{len(lowered)} input shape(s) for a model traced with "
+                  f"{len(traced)} (model.example_inputs): give one shape per model input")
     for where in (("model", "factory"), ("train", "data", "factory")):
         path = _get(data, *where, kind=str)
         why = refused_path(path) if path else None
@@ -419,8 +423,11 @@ def _section(cls, raw: Mapping[str, Any], **given) -> Any:
 def _resolve_model(data: dict) -> ModelSpec:
     raw = data.get("model", {})
     factory = _factory({"factory": raw["factory"], "kwargs": raw.get("kwargs")}) if "factory" in raw else None
-    shapes = tuple(tuple(int(n) for n in shape) for shape in raw.get("example_inputs", ()))
-    return _section(ModelSpec, raw, factory=factory, example_inputs=shapes)
+    return _section(ModelSpec, raw, factory=factory, example_inputs=_shapes(raw.get("example_inputs", ())))
+
+
+def _shapes(raw: Sequence[Sequence[int]]) -> Tuple[Tuple[int, ...], ...]:
+    return tuple(tuple(int(n) for n in shape) for shape in raw)
 
 
 def _resolve_targets(data: dict) -> Targets:
@@ -487,4 +494,5 @@ def _resolve_distill(raw: Optional[dict]) -> Optional[Distill]:
 
 
 def _resolve_lower(data: dict) -> Lower:
-    return _section(Lower, data.get("lower", {}))
+    raw = data.get("lower", {})
+    return _section(Lower, raw, example_inputs=_shapes(raw.get("example_inputs", ())))

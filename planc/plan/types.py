@@ -175,6 +175,9 @@ class Lower:
     backend: str = "auto"                        # auto | triton | cpu | dense
     dtype: Optional[str] = None                  # None: keep the model's dtype
     min_speedup: float = 1.0                     # lower a layer only if predicted faster
+    # the input shapes `planc apply` decides and times the lowering on: the batch the model
+    # will serve, which can differ from the small one it is traced on; () = model.example_inputs
+    example_inputs: Tuple[Tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
