@@ -33,7 +33,8 @@ def as_plan(plan) -> Plan:
     return plan if isinstance(plan, Plan) else load_plan(plan)
 
 
-def example_inputs_for(spec: ModelSpec, seed: int = 0, shapes: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, ...]:
+def example_inputs_for(spec: ModelSpec, seed: int = 0,
+                       shapes: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, ...]:
     """Inputs of the plan's example shapes (or of `shapes`): standard normal floats, or
     token ids in [0, 100) for int64 (small ids are valid in any vocabulary worth pruning)."""
     g = torch.Generator().manual_seed(seed)

@@ -297,7 +297,7 @@ def _check_model_and_train(data: dict, found: _Found) -> None:
     if "factory" in model and "example_inputs" not in model:
         found.add(("model",), "model.factory needs model.example_inputs (the input shapes used to trace)")
     traced, lowered = _get(model, "example_inputs", kind=list), _get(data, "lower", "example_inputs", kind=list)
-    if isinstance(traced, list) and lowered is not None and len(lowered) != len(traced):
+    if traced is not None and lowered is not None and len(lowered) != len(traced):
         found.add(("lower", "example_inputs"), f"{len(lowered)} input shape(s) for a model traced with "
                   f"{len(traced)} (model.example_inputs): give one shape per model input")
     for where in (("model", "factory"), ("train", "data", "factory")):
