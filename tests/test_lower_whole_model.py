@@ -3,6 +3,8 @@ the whole lowered model is timed against the baked one (on `example_inputs`, or 
 shapes an exported graph records) and a dense copy comes back when it missed
 min_speedup. The timings are faked here (no speed is asserted); the decision must follow
 them."""
+import os
+
 import pytest
 import torch
 from torch import fx
@@ -138,7 +140,8 @@ def test_apply_decides_and_times_the_lowering_on_lower_example_inputs(tmp_path, 
     fake_times["ratio"] = 2.0
     seen = []
     monkeypatch.setattr(lower_pass, "_measure_linear", lambda module, weight, bias, tokens: seen.append(tokens) or 3.0)
-    text = (open("plans/digits-tiny.yaml").read()         # 60 steps: the shortest the paper preset allows
+    tiny = os.path.join(os.path.dirname(__file__), "..", "plans", "digits-tiny.yaml")
+    text = (open(tiny).read()                              # 60 steps: the shortest the paper preset allows
             .replace("{hidden: 64}", "{hidden: 256}").replace("block: [8, 8], sparsity: 0.75", "block: [16, 16], sparsity: 0.9"))
     text += "lower: {backend: cpu" + (f", example_inputs: [{serving}]" if serving else "") + "}\n"
     result = train(planc.load_plan(text), str(tmp_path / "run"), progress=False, log=lambda s: None)

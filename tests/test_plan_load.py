@@ -108,7 +108,7 @@ def test_yaml_1_2_floats_are_numbers():
 TRACED = "version: 1\nmodel: {factory: planc.examples.digits:mlp, example_inputs: [[32, 64]]}\nmethod: {name: acdc}\n"
 
 
-def test_lower_example_inputs_resolve_round_trip_and_default_to_none():
+def test_lower_example_inputs_resolve_round_trip_and_default_to_the_tracing_example():
     plan = load_plan(TRACED + "lower: {example_inputs: [[512, 64]]}\n")
     assert plan.lower.example_inputs == ((512, 64),) and plan.model.example_inputs == ((32, 64),)
     assert load_plan(dump_plan(plan)) == plan
