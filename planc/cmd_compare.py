@@ -1,7 +1,8 @@
 """`planc compare PLAN... [--sweep key=v1,v2 ...] [--seeds N] --out DIR`: run every plan
 × sweep combination × seed with the built-in trainer, then write one comparison table
 (DIR/compare.md, DIR/compare.json: mean ± std over seeds of the metric and validation
-loss, achieved sparsity, wall time, std(A), lowered speedup with --bench) and plots.
+loss, achieved sparsity, wall time, std(A), lowered speedup with --bench, and the speedup
+of the model each run folder serves, as its own lowering timed it) and plots.
 
 Sweep keys: method, sparsity, block, c, score, preset, schedule (preset | no-sparsify |
 dense), seed, or any dotted path of the plan (train.optimizer.lr). Every run's folder is

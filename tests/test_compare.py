@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from planc.cli import main
-from planc.compare import build_plan, compare, expand, parse_axis
+from planc.compare import build_plan, compare, expand, parse_axis, summarize
 from planc.errors import PlanError
 
 TINY = {
@@ -150,6 +150,31 @@ def test_eval_hook_adds_columns(plan_file, tmp_path):
         assert f"{g['speedup']['mean']:.2f} |" in md
     else:
         assert g["speedup"] is None
+
+
+def test_table_shows_the_speedup_the_run_folder_serves(tmp_path):
+    files = []
+    for name, lower in (("cmp-lowered", {"backend": "cpu", "min_speedup": 0.001}), ("cmp-dense", {"backend": "dense"})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(dict(TINY, name=name, lower=lower), sort_keys=False))
+        files.append(str(path))
+    result = compare(files, [], out=str(tmp_path / "cmp"), log=lambda s: None)
+    groups = {g["plan"]: g for g in result["groups"]}
+    lowering = json.loads((Path(groups["cmp-lowered"]["run_dirs"][0]) / "report.json").read_text())["lowering"]
+    assert lowering["lowered_layers"] > 0                  # min_speedup 0.001: lowered whatever it times
+    assert groups["cmp-lowered"]["served_speedup"]["mean"] == pytest.approx(lowering["speedup"])
+    assert groups["cmp-dense"]["served_speedup"] is None   # lowering off: nothing timed, nothing shown
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    head = next(l for l in md.splitlines() if l.startswith("| plan"))
+    assert head.rstrip(" |").endswith("served speedup")
+    rows = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| cmp-")}
+    assert rows["cmp-lowered"].endswith(f"| {lowering['speedup']:.2f} |")
+    assert rows["cmp-dense"].endswith("| – |")
+    # a run whose whole lowered model timed too slow serves its baked model: 1.0
+    job = {"label": "x", "plan_name": "x", "plan_file": "x.yaml", "values": {}, "seed": 0, "run_dir": "x"}
+    kept = summarize(job, {"lowering": {"lowered_layers": 0, "speedup": 0.8, "kept_dense": "slower"}})
+    assert kept["served_speedup"] == 1.0
+    assert summarize(job, {})["served_speedup"] is None
 
 
 def _count_zero_weights(model, plan):
