@@ -460,8 +460,24 @@ def group(rows: Sequence[dict]) -> List[dict]:
         names = sorted({k for r in runs for k in r["eval"]})
         g["eval"] = {k: _stats([r["eval"].get(k) for r in runs]) for k in names}
         g["run_dirs"] = [r["run_dir"] for r in runs]
+        g["seeds_alike"] = seeds_alike(runs)
         out.append(g)
     return out
+
+
+def seeds_alike(runs: Sequence[dict]) -> bool:
+    """Whether several seeds of one combination ended bitwise alike (the same final metric
+    and loss): then train.seed changed nothing in the plan (a pretrained model without
+    dropout whose data factory draws its order from its own `seed`, say) and the ± of
+    the table is no spread at all."""
+    ends = {(r["metric"], r["loss"]) for r in runs}
+    return len({r["seed"] for r in runs}) > 1 and len(ends) == 1 and None not in next(iter(ends))
+
+
+def seeds_alike_note(g: dict) -> str:
+    return (f"{_label(g['plan'], g['values'])}: its {len(g['seeds'])} seeds ended bitwise alike: train.seed "
+            "changes nothing in this plan (no random initialisation, dropout or data order follows it); "
+            "vary what does, e.g. --sweep train.data.kwargs.seed=0,1,2 for a data factory with its own seed")
 
 
 def _pm(s: Optional[dict], spec: str = ".2f") -> str:
@@ -503,6 +519,8 @@ def to_markdown(groups: Sequence[dict], title: str = "Comparison", command: Opti
         cells += [_pm(g.get("served_speedup"), ".2f")] if served else []
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    alike = [g for g in groups if g.get("seeds_alike")]
+    lines += [f"Warning: {seeds_alike_note(g)}." for g in alike] + ([""] if alike else [])
     if served:
         lines += ["served speedup: the run folder's model against its baked one, as `planc apply` timed it at "
                   "the run's end on `lower.example_inputs` (1.00: it kept the model dense); lowered speedup: "
@@ -617,5 +635,8 @@ def compare(plan_files: Sequence[str], sweeps: Sequence[str] = (), *, seeds: Opt
     t0 = time.perf_counter()
     rows = run_jobs(all_jobs, jobs_n=jobs, threads=threads, force=force, eval_spec=eval_spec, bench=bench, log=log)
     result = write_tables(rows, out, title=title or "Comparison", command=command)
+    for g in result["groups"]:
+        if g["seeds_alike"]:
+            log(f"planc compare: warning: {seeds_alike_note(g)}")
     result["elapsed_s"] = time.perf_counter() - t0
     return result

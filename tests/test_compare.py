@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from planc.cli import main
-from planc.compare import build_plan, compare, expand, parse_axis, summarize
+from planc.compare import build_plan, compare, expand, group, parse_axis, summarize, to_markdown
 from planc.errors import PlanError
 
 TINY = {
@@ -175,6 +175,21 @@ def test_table_shows_the_speedup_the_run_folder_serves(tmp_path):
     kept = summarize(job, {"lowering": {"lowered_layers": 0, "speedup": 0.8, "kept_dense": "slower"}})
     assert kept["served_speedup"] == 1.0
     assert summarize(job, {})["served_speedup"] is None
+
+
+def test_seeds_that_end_alike_are_flagged_not_tabulated_as_no_spread():
+    def row(seed, loss, values=None):
+        job = {"label": f"p/seed={seed}", "plan_name": "p", "plan_file": "p.yaml", "values": dict(values or {}),
+               "seed": seed, "run_dir": f"runs/{seed}"}
+        return summarize(job, {"metrics": {"final": {"loss": loss}}})
+    alike = [row(s, 0.25, {"sparsity": 0.7}) for s in (0, 1, 2)]        # a pretrained model without dropout
+    spread = [row(s, 0.25 + s / 100, {"sparsity": 0.9}) for s in (0, 1, 2)]
+    single = [row(0, 0.3, {"sparsity": 0.5})]
+    groups = group(alike + spread + single)
+    assert [g["seeds_alike"] for g in groups] == [True, False, False]
+    warnings = [l for l in to_markdown(groups).splitlines() if l.startswith("Warning:")]
+    assert len(warnings) == 1 and "p/sparsity=0.7: its 3 seeds ended bitwise alike" in warnings[0]
+    assert "train.data.kwargs.seed" in warnings[0]
 
 
 def _count_zero_weights(model, plan):
