@@ -523,8 +523,8 @@ def to_markdown(groups: Sequence[dict], title: str = "Comparison", command: Opti
     lines += [f"Warning: {seeds_alike_note(g)}." for g in alike] + ([""] if alike else [])
     if served:
         lines += ["served speedup: the run folder's model against its baked one, as `planc apply` timed it at "
-                  "the run's end on `lower.example_inputs` (1.00: it kept the model dense); lowered speedup: "
-                  "`--bench`'s own measurement on 512 rows.", ""]
+                  "the run's end on `lower.example_inputs` (1.00: it kept the model dense; with --jobs > 1, timed "
+                  "beside the other runs); lowered speedup: `--bench`'s own measurement on 512 rows.", ""]
     return "\n".join(lines)
 
 
