@@ -235,6 +235,11 @@ def to_markdown(result: dict, command: str = "planc bench") -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_bench_record(data: dict) -> bool:
+    """Whether a bench.json's contents are what to_json writes (planc may replace it)."""
+    return {"device", "backend", "cells"} <= data.keys() and isinstance(data["cells"], list)
+
+
 def to_json(result: dict) -> str:
     out = dict(result)
     out["cells"] = [dict(asdict(c), fwd_vs_dense=c.fwd_vs_dense, fwd_vs_bsr=c.fwd_vs_bsr, bwd_vs_dense=c.bwd_vs_dense,

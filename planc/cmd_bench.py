@@ -1,7 +1,8 @@
 """`planc bench [--full] [--backend cpu|triton] [--dtype fp32,...] [--out DIR]`: the
 block-sparse kernels and a lowered model against dense PyTorch and torch.sparse BSR.
 
-Prints a table and writes bench.md and bench.json to DIR (default: the current folder).
+Prints a table and writes bench.md and bench.json to DIR (default: the current folder),
+replacing only a bench.md and bench.json that planc bench wrote there.
 The quick default sweep takes a few minutes on 2 CPU cores; --full sweeps more shapes,
 blocks and sparsities. Exit status (planc.cli): 0 done, 2 bad arguments, 1 anything else."""
 from __future__ import annotations
@@ -10,6 +11,9 @@ import argparse
 import os
 import sys
 
+from planc.safeio import atomic_write_text, make_folder, refuse_foreign_outputs
+
+BENCH_FILES = ("bench.md", "bench.json")
 HELP = "benchmark the block-sparse kernels and a lowered model against dense"
 
 
@@ -41,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"planc bench: expected dtypes among {sorted(bench.DTYPES)} and --repeats >= 1, got {args.dtype!r}, "
               f"{args.repeats}", file=sys.stderr)
         return 2
+    # before the minutes of timing: a bad --out, or a bench.md the user wrote, must not cost them
+    make_folder(args.out)
+    refuse_foreign_outputs(args.out, BENCH_FILES, "bench.json", bench.is_bench_record, "planc bench")
     print(bench.HEADER)
     result = bench.sweep(full=args.full, backend=backend, dtypes=dtypes, repeats=args.repeats,
                          progress=lambda line: print(line, flush=True))
     command = "planc bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "planc bench"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(bench.to_markdown(result, command))
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        f.write(bench.to_json(result))
+    atomic_write_text(os.path.join(args.out, "bench.json"), bench.to_json(result))    # the record first
+    atomic_write_text(os.path.join(args.out, "bench.md"), bench.to_markdown(result, command))
     print(f"wrote {os.path.join(args.out, 'bench.md')} and bench.json")
     return 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import io
 import itertools
 import json
 import math
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from planc.errors import PlanError, Problem
+from planc.safeio import atomic_write_bytes, atomic_write_text, make_folder, refuse_foreign_outputs
 from planc.plan.registry import METHODS
 import yaml
 from planc.plan.positions import PlanLoader
@@ -79,6 +81,7 @@ ALIASES = {
 }
 SCHEDULE_VARIANTS = ("preset", "no-sparsify", "dense")
 COMPARE_FORMAT = "planc.compare/1"
+COMPARE_FILES = ("compare.json", "compare.md", "compare_metric.png", "compare_sparsity.png")
 
 
 # ---- the sweep ---------------------------------------------------------------------
@@ -528,6 +531,13 @@ def to_markdown(groups: Sequence[dict], title: str = "Comparison", command: Opti
     return "\n".join(lines)
 
 
+def _save_png(fig, path: Path) -> None:
+    """As every planc write: atomic, and never through a link planted at `path`."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    atomic_write_bytes(str(path), buf.getvalue())
+
+
 def plot(groups: Sequence[dict], out: Path) -> List[str]:
     """compare_metric.png (a bar per combination) and, when sparsity is swept,
     compare_sparsity.png (metric against sparsity, a line per other combination)."""
@@ -556,7 +566,7 @@ def plot(groups: Sequence[dict], out: Path) -> List[str]:
         ax.set_xlim(max(0.0, lo - 3), min(100.0, max(finite) + 2))
     ax.set_xlabel(f"{mname} (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(out / "compare_metric.png", dpi=80)
+    _save_png(fig, out / "compare_metric.png")
     plt.close(fig)
     written.append("compare_metric.png")
 
@@ -577,7 +587,7 @@ def plot(groups: Sequence[dict], out: Path) -> List[str]:
         ax.set_ylabel(mname)
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        fig.savefig(out / "compare_sparsity.png", dpi=80)
+        _save_png(fig, out / "compare_sparsity.png")
         plt.close(fig)
         written.append("compare_sparsity.png")
     return written
@@ -585,9 +595,12 @@ def plot(groups: Sequence[dict], out: Path) -> List[str]:
 
 def write_tables(rows: Sequence[dict], out, *, title: str = "Comparison", command: Optional[str] = None,
                  plots: bool = True) -> dict:
+    make_folder(str(out))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     groups = group(rows)
+    result = {"format": COMPARE_FORMAT, "command": command, "groups": groups, "runs": list(rows)}
+    # the record first: it is what makes the other files planc's to replace (refuse_foreign_outputs)
+    atomic_write_text(str(out / "compare.json"), json.dumps(result, indent=1, default=str) + "\n")
     images: List[str] = []
     if plots:
         try:
@@ -597,9 +610,7 @@ def write_tables(rows: Sequence[dict], out, *, title: str = "Comparison", comman
     md = to_markdown(groups, title=title, command=command)
     if images:
         md += "\n" + "\n".join(f"![{Path(i).stem}]({i})" for i in images) + "\n"
-    (out / "compare.md").write_text(md, encoding="utf-8")
-    result = {"format": COMPARE_FORMAT, "command": command, "groups": groups, "runs": list(rows)}
-    (out / "compare.json").write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(str(out / "compare.md"), md)
     return result
 
 
@@ -626,6 +637,9 @@ def compare(plan_files: Sequence[str], sweeps: Sequence[str] = (), *, seeds: Opt
     if eval_spec:
         _import_callable(eval_spec)                       # fail before any training
     all_jobs = expand(plan_files, axes, seeds=seeds, out=out, steps=steps)
+    make_folder(out)                                      # before any training: a bad --out costs nothing
+    refuse_foreign_outputs(out, COMPARE_FILES, "compare.json", lambda d: d.get("format") == COMPARE_FORMAT,
+                           "planc compare")
     if no_run:
         missing = [j for j in all_jobs if not finished(j)]
         for j in missing:

@@ -40,7 +40,7 @@ from planc.plan import dump_plan, load_plan
 from planc.plan.factory import call_factory
 from planc.plan.types import Plan
 from planc.report import PLOTS, REPORT_MD
-from planc.safeio import MIB, FileRefused, atomic_write_text, read_limited
+from planc.safeio import MIB, FileRefused, atomic_write_text, make_folder, read_limited
 from planc.pruned import example_inputs_for
 from planc.timing import cpu_model
 
@@ -126,7 +126,7 @@ def write(out: str, plan, pruned, baked, report: dict, events: List[dict], *, lo
     """Write a complete run folder (each file atomically; the report last, with the hashes
     of all others). `lowered`: the lowered model to save as the folder's lowered program
     (None: the lowering was not kept; the lowered program is the baked one)."""
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     atomic_write_text(os.path.join(out, PLAN), dump_plan(plan))
     state = baked.state_dict()
     views = pruned_views(pruned, state.keys())

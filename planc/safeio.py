@@ -8,8 +8,12 @@ sees the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
+from typing import Callable, Sequence
+
+from planc.errors import OutputFolderError
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -111,3 +115,47 @@ def append_text(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(text)
+
+
+def _nearest_existing(path: str) -> str:
+    """`path` or the nearest folder above it that exists (for saying what is in the way)."""
+    path = os.path.normpath(path)
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent in ("", path):
+            return path
+        path = parent
+    return path
+
+
+def make_folder(path: str) -> None:
+    """Create the folder `path` and its parents (one that exists is fine). OutputFolderError,
+    naming what is in the way, when it cannot be: called before a command does its work,
+    so that a bad --out never costs a benchmark or a training run."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        blocker = _nearest_existing(path)
+        if blocker == os.path.normpath(path) and not os.path.isdir(blocker):
+            raise OutputFolderError(f"{path}: exists and is not a folder") from None
+        if os.path.lexists(blocker) and not os.path.isdir(blocker):
+            raise OutputFolderError(f"{path}: cannot create the folder: {blocker} is not a folder") from None
+        raise OutputFolderError(f"{path}: cannot create the folder ({err.strerror or err})") from None
+
+
+def refuse_foreign_outputs(folder: str, files: Sequence[str], record: str, is_record: Callable[[dict], bool],
+                           writer: str) -> None:
+    """OutputFolderError unless every one of `files` already in `folder` is planc's to replace.
+    They are written together with the JSON file `record` (which a writer writes first), so
+    they are planc's when `record` is there and `is_record` accepts what it holds. Changes nothing."""
+    present = [f for f in files if os.path.lexists(os.path.join(folder, f))]
+    if not present:
+        return
+    try:
+        data = json.loads(read_limited(os.path.join(folder, record), 256 * MIB))
+        ours = isinstance(data, dict) and is_record(data)
+    except (OSError, ValueError):        # missing, special, too big, not JSON (FileRefused is a ValueError)
+        ours = False
+    if not ours:
+        raise OutputFolderError(f"{', '.join(os.path.join(folder, f) for f in present)}: not written by {writer}, "
+                                "so not replaced; choose another --out, or move it away")

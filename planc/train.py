@@ -31,7 +31,7 @@ from planc.plan.types import Plan
 from planc.pruned import compile as planc_compile
 from planc.pruned import example_inputs_for, lowering_inputs_for
 from planc.runtime import Runtime
-from planc.safeio import create_empty
+from planc.safeio import create_empty, make_folder
 from torch.nn.parallel import DistributedDataParallel
 
 CHECKPOINT = runfolder.CHECKPOINT
@@ -334,7 +334,7 @@ def _open_output(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwri
     if ranks.main and output.action == "fresh":
         if output.replace:
             runfolder.clear_run(out)           # report.json first: a failed run never loads
-        os.makedirs(out, exist_ok=True)
+        make_folder(out)
         create_empty(os.path.join(out, runfolder.EVENTS))      # a fresh run starts a fresh log
     return _Session(out, ranks.main, output)
 

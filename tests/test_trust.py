@@ -315,6 +315,67 @@ def test_run_files_are_never_written_through_a_link(tmp_path, capsys, flag, link
     assert not os.path.islink(out / "events.jsonl")
 
 
+def _refuse_to_work(*a, **k):
+    raise AssertionError("the command did its work before checking --out")
+
+
+def _no_work(monkeypatch):
+    import planc.bench
+    import planc.compare
+
+    monkeypatch.setattr(planc.bench, "sweep", _refuse_to_work)
+    monkeypatch.setattr(planc.compare, "run_jobs", _refuse_to_work)
+
+
+@pytest.mark.parametrize("command", ["apply", "compare", "bench"])
+@pytest.mark.parametrize("blocked", ["under a file", "a file"])
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, command, blocked):
+    # before: bench timed every kernel for minutes, then died on `--out` as an "internal error"
+    _no_work(monkeypatch)
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "sub" if blocked == "under a file" else tmp_path / "notes.txt"
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(tiny(0.75))
+    argv = {"apply": ["apply", str(plan), "--progress", "off"], "compare": ["compare", str(plan)],
+            "bench": ["bench"]}[command]
+    status = main(argv + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "internal error" not in err and f"{tmp_path / 'notes.txt'}" in err and "not a folder" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+BENCH_RESULT = {"device": "test cpu", "torch": "x", "backend": "cpu", "cells": [], "models": []}
+
+
+@pytest.mark.parametrize("command,files", [("bench", ("bench.md", "bench.json")),
+                                           ("compare", ("compare.md", "compare.json", "compare_metric.png"))])
+def test_bench_and_compare_never_replace_files_they_did_not_write(tmp_path, capsys, monkeypatch, command, files):
+    # before: `planc bench` (--out defaults to the current folder) replaced any bench.md there
+    import planc.bench
+    import planc.compare
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(tiny(0.75))
+    argv = ["bench"] if command == "bench" else ["compare", str(plan)]
+    for name in files:
+        out = tmp_path / f"user-{name}"
+        out.mkdir()
+        (out / name).write_text("my own notes")
+        _no_work(monkeypatch)
+        status = main(argv + ["--out", str(out)])
+        err = capsys.readouterr().err
+        assert status == 2 and name in err and "not written by planc" in err, err
+        assert os.listdir(out) == [name] and (out / name).read_text() == "my own notes"
+    # what planc wrote there itself, it replaces
+    monkeypatch.setattr(planc.bench, "sweep", lambda **k: dict(BENCH_RESULT))
+    monkeypatch.setattr(planc.compare, "run_jobs", lambda *a, **k: [])
+    out = tmp_path / "planc's"
+    for _ in range(2):
+        assert main(argv + ["--out", str(out)]) == 0, capsys.readouterr().err
+    assert {files[0], files[1]} <= set(os.listdir(out))
+
+
 # ---- 5. bounded plan input ------------------------------------------------------------------
 def _validate_quickly(path: str) -> subprocess.CompletedProcess:
     # a timeout, not a timing assertion: before the rule a FIFO hung forever and /dev/zero
