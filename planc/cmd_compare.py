@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads per run (default: torch's own; use 1 with --jobs > 1)")
     parser.add_argument("--force", action="store_true", help="rerun runs whose folders are complete")
     parser.add_argument("--eval", metavar="MODULE:CALLABLE", default=None,
-                        help="extra evaluation: called with (baked model, plan), returns {name: value}")
+                        help="extra evaluation: called with (baked model, plan), returns {name: number}; "
+                             "when it fails, the finished runs are kept and the same command reuses them")
     parser.add_argument("--bench", action="store_true",
                         help="measure each run's lowered (block-sparse CPU) speedup over its baked model")
     parser.add_argument("--title", default=None, help="the table's title")

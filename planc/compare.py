@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from planc.errors import PlanError, Problem
+from planc.errors import PlancError, PlanError, Problem
 from planc.safeio import atomic_write_bytes, atomic_write_text, make_folder, refuse_foreign_outputs
 from planc.plan.registry import METHODS
 import yaml
@@ -318,6 +318,22 @@ def _import_callable(spec: str) -> Callable:
     return obj
 
 
+def _evaluate(spec: str, model, plan, run_dir: Path) -> Dict[str, float]:
+    """The --eval callable's numbers for a finished run. Its failure is one line naming the
+    callable and the run, which stays finished: the same command reuses it, not retrains it."""
+    evaluate = _import_callable(spec)
+    where, kept = f"--eval {spec} on {run_dir}", "the finished run is kept and the same command reuses it"
+    try:
+        values = evaluate(model, plan)
+    except Exception as err:
+        raise PlancError(f"{where}: {type(err).__name__}: {' '.join(str(err).split())}; {kept}") from None
+    try:
+        return {str(k): float(v) for k, v in values.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise PlancError(f"{where}: expected a mapping of names to numbers, got {type(values).__name__}; "
+                         f"{kept}") from None
+
+
 def measure_speedup(model, plan, tokens: int = 512, repeats: int = 10) -> Optional[dict]:
     """Baked versus lowered (planc.lower, CPU path, its cost model decides which layers),
     same inputs, minimum over `repeats` in ms. None when the model does not trace
@@ -373,7 +389,7 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
     if (eval_spec and "eval" not in extra) or (bench and "bench" not in extra):
         model = load(str(run_dir), trust_factory=True)     # the plan compare was given and has just run
         if eval_spec and "eval" not in extra:
-            extra["eval"] = {k: float(v) for k, v in _import_callable(eval_spec)(model, plan).items()}
+            extra["eval"] = _evaluate(eval_spec, model, plan, run_dir)
         if bench and "bench" not in extra:
             extra["bench"] = measure_speedup(model, plan)
         extra_path.write_text(json.dumps(extra, indent=1) + "\n")

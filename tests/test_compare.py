@@ -152,6 +152,28 @@ def test_eval_hook_adds_columns(plan_file, tmp_path):
         assert g["speedup"] is None
 
 
+def _broken_eval(model, plan):
+    raise KeyError("embedding")
+
+
+def _eval_returning_text(model, plan):
+    return "cosine 0.9"
+
+
+@pytest.mark.parametrize("bad", ["test_compare:_broken_eval", "test_compare:_eval_returning_text"])
+def test_a_failing_eval_is_one_line_naming_it_and_the_kept_run(plan_file, tmp_path, capsys, bad):
+    # before: "planc: internal error: KeyError: 'embedding'" after the training, naming neither
+    out = tmp_path / "cmp"
+    status = main(["compare", plan_file, "--out", str(out), "--eval", bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and "internal error" not in err[-1], err
+    assert err[-1].startswith(f"planc: --eval {bad}") and "cmp-tiny" in err[-1] and "kept" in err[-1], err
+    (run_dir,) = (out / "runs").iterdir()
+    assert (run_dir / "report.json").is_file()          # the training is not lost ...
+    result = compare([plan_file], [], out=str(out), eval_spec="test_compare:_count_zero_weights", log=lambda s: None)
+    assert result["runs"][0]["reused"] and result["groups"][0]["eval"]["zero_fraction"]["mean"] > 0.3   # ... but reused
+
+
 def test_table_shows_the_speedup_the_run_folder_serves(tmp_path):
     files = []
     for name, lower in (("cmp-lowered", {"backend": "cpu", "min_speedup": 0.001}), ("cmp-dense", {"backend": "dense"})):
