@@ -95,6 +95,9 @@ class LowerPass(GraphPass):
         self.config = config
 
     def run(self, gm: fx.GraphModule) -> PassResult:
+        if not isinstance(gm, fx.GraphModule):
+            raise TypeError("expected a torch.fx.GraphModule (pruned.bake() gives one, or planc.load(DIR, "
+                            f"lowered=False)), got {type(gm).__name__}")
         c = self.config
         if not c.inplace:
             gm = copy_module(gm)

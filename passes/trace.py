@@ -143,6 +143,8 @@ def trace(model: nn.Module, example_inputs: Any = (), *, frontend: str = "export
         raise TraceError(f"unknown frontend {frontend!r}: expected one of {', '.join(FRONTENDS)}")
     if isinstance(model, fx.GraphModule):
         return model                     # already a graph: the later passes work on it as is
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module to trace, got {type(model).__name__}")
     args, kwargs = _split_inputs(example_inputs)
     leaves = tuple(leaf_modules)
     name = type(model).__name__

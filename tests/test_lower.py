@@ -270,3 +270,9 @@ def test_where_the_native_kernel_runs_every_lowered_output_is_row_major():
     with torch.no_grad():
         assert all(m(torch.randn(32, m.in_features)).is_contiguous() for m in inner)
         assert rel(lowered(x), baked(x)) <= 1e-5
+
+
+def test_lower_names_what_it_was_given():
+    # before: "AttributeError: 'Sequential' object has no attribute 'graph'"
+    with pytest.raises(planc.PassError, match=r"expected a torch.fx.GraphModule .*got Sequential"):
+        planc.lower(nn.Sequential(nn.Linear(8, 8)))

@@ -260,3 +260,10 @@ def test_relative_error():
     assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) == 0.0
     assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.5])) == pytest.approx(1 / 3)
     assert relative_error(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0])) == inf
+
+
+def test_something_not_a_module_is_named_not_traced():
+    # before: "export: AttributeError: 'str' object has no attribute 'training'"
+    for thing in ("model", None, {"w": torch.ones(2)}):
+        with pytest.raises(TraceError, match=rf"expected a torch.nn.Module to trace, got {type(thing).__name__}$"):
+            trace(thing, (torch.randn(2, 4),))
