@@ -35,6 +35,7 @@ import io
 import itertools
 import json
 import math
+import multiprocessing as mp
 import os
 import re
 import statistics
@@ -42,29 +43,26 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from planc.errors import PlancError, PlanError, Problem
-from planc.safeio import atomic_write_bytes, atomic_write_text, make_folder, refuse_foreign_outputs
-from planc.plan.registry import METHODS
-import yaml
-from planc.plan.positions import PlanLoader
-from planc.plan.dump import plan_to_data
-from planc.plan.dump import _phase
-from planc.plan.load import load_plan
-from planc.plan.load import check, read, resolve
-from planc.plan import dump_plan
 import torch
+import yaml
 from torch import fx
-from planc.timing import median_ms
+
+from planc.errors import PlancError, PlanError, Problem
 from planc.passes.lower import lower, report as lower_report
-from planc.runfolder import REPORT, load
-from planc.runfolder import plan_fingerprint
+from planc.plan import dump_plan
+from planc.plan.dump import phase_data, plan_to_data
+from planc.plan.load import check, load_plan, read, resolve
+from planc.plan.positions import PlanLoader
 from planc.plan.presets import scale_schedule
-from planc.train import train
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from planc.plan.registry import METHODS
 from planc.report import write_report
+from planc.runfolder import REPORT, load, plan_fingerprint
+from planc.safeio import atomic_write_bytes, atomic_write_text, make_folder, refuse_foreign_outputs
+from planc.timing import median_ms
+from planc.train import train
 
 # `--sweep method=dense`: a method with support masks and one dense phase (the resolved
 # plan's schedule is replaced), i.e. the model trained without pruning.
@@ -204,14 +202,10 @@ def _schedule_variant(plan, variant: str):
     if variant == "dense":
         data["schedule"] = {"phases": [{"phase": "dense", "steps": plan.train.steps}]}
     elif variant == "no-sparsify":
-        phases = [{"phase": "sparse", "steps": p.steps} if p.kind == "sparsify" else _phase_data(p)
+        phases = [{"phase": "sparse", "steps": p.steps} if p.kind == "sparsify" else phase_data(p)
                   for p in plan.schedule.phases]
         data["schedule"] = {"phases": _merge_phases(phases)}
     return data
-
-
-def _phase_data(p) -> dict:
-    return _phase(p)
 
 
 @dataclass

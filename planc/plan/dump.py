@@ -15,7 +15,8 @@ from planc.plan.registry import METHODS
 from planc.plan.types import Distill, Method, Phase, Plan, Rule
 
 
-def _phase(p: Phase) -> Dict[str, Any]:
+def phase_data(p: Phase) -> Dict[str, Any]:
+    """A phase as the plan file writes it."""
     out: Dict[str, Any] = {"phase": p.kind, "steps": p.steps}
     if p.kind == "sparsify":
         out["curve"] = p.curve or "exponential"
@@ -79,7 +80,7 @@ def plan_to_data(plan: Plan) -> Dict[str, Any]:
     schedule: Dict[str, Any] = {}
     if plan.schedule.preset is not None:
         schedule["preset"] = plan.schedule.preset
-    schedule["phases"] = [_phase(p) for p in plan.schedule.phases]
+    schedule["phases"] = [phase_data(p) for p in plan.schedule.phases]
     schedule["sparse_kernels"] = plan.schedule.sparse_kernels
 
     t, o = plan.train, plan.train.optimizer
