@@ -291,10 +291,13 @@ def expand(plan_files: Sequence[str], axes: Sequence[Axis], *, seeds: Optional[i
                                 os.path.join(out, "runs", _slug(label)), dump_plan(plan)))
     if problems:
         raise PlanError(problems)
-    labels = [j.label for j in jobs]
-    dup = sorted({l for l in labels if labels.count(l) > 1})
-    if dup:
-        raise PlanError([Problem(f"two runs would share a folder: {dup[0]} (plans with the same name?)")])
+    folders: Dict[str, str] = {}
+    for j in jobs:                  # a folder name is the label with unsafe characters replaced
+        if j.run_dir in folders:
+            same = "plans with the same name?" if folders[j.run_dir] == j.label else \
+                f"{folders[j.run_dir]} and {j.label} differ only in characters a folder name replaces"
+            raise PlanError([Problem(f"two runs would share the folder {j.run_dir} ({same})", file=j.plan_file)])
+        folders[j.run_dir] = j.label
     return jobs
 
 

@@ -77,6 +77,14 @@ def test_bad_sweep_value_is_a_positioned_plan_error(plan_file):
     assert "sweep c=-1" in problem.message
 
 
+def test_two_runs_never_share_a_folder_even_when_their_labels_differ(plan_file):
+    # before: labels 'output=a b' and 'output=a_b' differ, their folder names do not: the
+    # second run reused (or replaced) the first's folder
+    with pytest.raises(PlanError, match="two runs would share the folder .*output=a_b"):
+        expand([plan_file], [parse_axis("output=a b,a_b")], seeds=None, out="unused")
+    assert len(expand([plan_file], [parse_axis("output=a,b")], seeds=None, out="unused")) == 2
+
+
 def test_cli_bad_sweep_exits_2_before_running(plan_file, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", plan_file, "--sweep", "method=acdc,nope", "--out", str(out)]) == 2
