@@ -7,7 +7,9 @@ of the model each run folder serves, as its own lowering timed it) and plots.
 Sweep keys: method, sparsity, block, c, score, preset, schedule (preset | no-sparsify |
 dense), seed, or any dotted path of the plan (train.optimizer.lr). Every run's folder is
 DIR/runs/<label>/ with its report.md; a folder that already holds the same finished plan
-is reused (--force reruns it). All combinations are validated before the first run; a
+is reused (--force reruns it), and an unfinished run of the same plan that checkpointed
+(train.checkpoint_every) continues from its checkpoint, so an interrupted comparison
+loses at most the steps since each run's last checkpoint. All combinations are validated before the first run; a
 bad value is a positioned plan error (exit status 2)."""
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Each plan × each combination of the sweep's values × each seed is one run of the
 built-in trainer (planc.train) in its own run folder `OUT/runs/<label>/` (with its
-report.md); then one comparison table (OUT/compare.md and OUT/compare.json: mean ± std
+report.md; a finished run of the same plan there is reused, an unfinished one continues
+from its checkpoint); then one comparison table (OUT/compare.md and OUT/compare.json: mean ± std
 over seeds) and plots (OUT/compare_*.png).
 
 A sweep axis is `key=v1,v2,...`. The key is a dotted path into the plan's dict form
@@ -50,7 +51,7 @@ import torch
 import yaml
 from torch import fx
 
-from planc.errors import PlancError, PlanError, Problem
+from planc.errors import PlancError, PlanError, Problem, RunFolderError
 from planc.passes.lower import lower, report as lower_report
 from planc.plan import dump_plan
 from planc.plan.dump import phase_data, plan_to_data
@@ -59,7 +60,7 @@ from planc.plan.positions import PlanLoader
 from planc.plan.presets import scale_schedule
 from planc.plan.registry import METHODS
 from planc.report import write_report
-from planc.runfolder import REPORT, load, plan_fingerprint
+from planc.runfolder import REPORT, load, plan_fingerprint, prepare_output
 from planc.safeio import atomic_write_bytes, atomic_write_text, make_folder, refuse_foreign_outputs
 from planc.timing import median_ms
 from planc.train import train
@@ -368,13 +369,15 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
             reused = plan_fingerprint(load_plan(str(run_dir / "plan.yaml"))) == plan_fingerprint(plan)
         except PlanError:
             reused = False
-    if reused:
-        pass
-    else:
+    resumed_at = None
+    if not reused:
         for f in ("compare_extra.json", REPORT):
             if (run_dir / f).exists():
                 (run_dir / f).unlink()
-        train(plan, str(run_dir), overwrite=True, progress=False, log=lambda s: None)   # compare owns its run folders
+        resumed_at = None if force else _resumable(run_dir, plan)
+        # compare owns its run folders: whatever else is there, the run starts afresh
+        train(plan, str(run_dir), resume=resumed_at is not None, overwrite=resumed_at is None, progress=False,
+              log=lambda s: None)
         try:
             write_report(run_dir)
         except Exception as err:       # a plot never loses a run
@@ -390,10 +393,21 @@ def run_job(job: dict, *, threads: int = 0, force: bool = False, eval_spec: Opti
         if bench and "bench" not in extra:
             extra["bench"] = measure_speedup(model, plan)
         extra_path.write_text(json.dumps(extra, indent=1) + "\n")
-    return summarize(job, report, extra, reused=reused)
+    return summarize(job, report, extra, reused=reused, resumed_at=resumed_at)
 
 
-def summarize(job: dict, report: dict, extra: Optional[dict] = None, reused: bool = False) -> dict:
+def _resumable(run_dir: Path, plan) -> Optional[int]:
+    """The step at which the unfinished run of exactly `plan` in `run_dir` checkpointed
+    (an interrupted comparison), or None: nothing of this plan to continue there."""
+    try:
+        output = prepare_output(str(run_dir), plan, resume=True, overwrite=False)
+    except RunFolderError:       # another plan's run or checkpoint, a damaged checkpoint, ...
+        return None
+    return int(output.state.get("step", 0)) if output.action == "resume" else None
+
+
+def summarize(job: dict, report: dict, extra: Optional[dict] = None, reused: bool = False,
+              resumed_at: Optional[int] = None) -> dict:
     extra = extra or {}
     final = (report.get("metrics") or {}).get("final") or {}
     metric_name = "accuracy" if "accuracy" in final else "loss"
@@ -421,6 +435,7 @@ def summarize(job: dict, report: dict, extra: Optional[dict] = None, reused: boo
         "served_speedup": served,
         "eval": extra.get("eval") or {},
         "reused": reused,
+        "resumed_at": resumed_at,
     }
 
 
@@ -436,7 +451,8 @@ def run_jobs(jobs: Sequence[Job], *, jobs_n: int = 1, threads: int = 0, force: b
         m = row["metric"]
         log(f"[{sum(r is not None for r in rows)}/{len(jobs)}] {row['label']}: {row['metric_name']} "
             f"{m:.4g}, sparsity {row['mean_sparsity']:.3f}, {row['wall_s']:.1f} s"
-            + (" (reused)" if row["reused"] else ""))
+            + (" (reused)" if row["reused"] else "")
+            + (f" (resumed at step {row['resumed_at']})" if row.get("resumed_at") is not None else ""))
 
     if jobs_n <= 1:
         for i, job in enumerate(payload):

@@ -12,6 +12,8 @@ import yaml
 from planc.cli import main
 from planc.compare import build_plan, compare, expand, group, parse_axis, summarize, to_markdown
 from planc.errors import PlanError
+from planc.plan.load import load_plan
+from planc.train import train
 
 TINY = {
     "version": 1, "name": "cmp-tiny",
@@ -141,6 +143,30 @@ def test_compare_runs_writes_tables_matching_reports(plan_file, tmp_path):
         ("acdc", 1), ("sequential_attention_pp", 0), ("sequential_attention_pp", 1)]
     assert len([l for l in logs if l.startswith("missing (not run)")]) == 3
     assert not any("seed=2" in d for d in os.listdir(out / "runs"))
+
+
+def test_an_interrupted_run_is_resumed_from_its_checkpoint_not_restarted(plan_file, tmp_path):
+    # before: compare trained every unfinished run again from step 0 (overwrite), throwing
+    # its checkpoints away: an hour-long run stopped at 55 minutes cost the whole hour again
+    doc = dict(TINY, train=dict(TINY["train"], checkpoint_every=5))
+    path = tmp_path / "ckpt.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    (job,) = expand([str(path)], [], seeds=None, out=str(tmp_path / "cmp"))
+    stopped = train(load_plan(job.plan_yaml), job.run_dir, stop_after=10, progress=False, log=lambda s: None)
+    assert not stopped.finished
+    logs = []
+    (row,) = compare([str(path)], [], out=str(tmp_path / "cmp"), log=logs.append)["runs"]
+    assert row["resumed_at"] == 10 and any("resumed at step 10" in line for line in logs), logs
+    (whole,) = compare([str(path)], [], out=str(tmp_path / "uninterrupted"), log=lambda s: None)["runs"]
+    assert whole["resumed_at"] is None
+    assert (row["metric"], row["loss"]) == (whole["metric"], whole["loss"])      # bitwise the same run
+    # a checkpoint of another plan in the folder is not resumed: that run starts afresh
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(dict(doc, method=dict(TINY["method"], c=2)), sort_keys=False))
+    (job2,) = expand([str(other)], [], seeds=None, out=str(tmp_path / "cmp2"))
+    train(load_plan(job.plan_yaml), job2.run_dir, stop_after=10, progress=False, log=lambda s: None)
+    (row2,) = compare([str(other)], [], out=str(tmp_path / "cmp2"), log=lambda s: None)["runs"]
+    assert row2["resumed_at"] is None and row2["steps"] == 20
 
 
 def test_eval_hook_adds_columns(plan_file, tmp_path):
