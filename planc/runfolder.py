@@ -61,8 +61,11 @@ MAX_JSON_BYTES = 256 * MIB                          # report.json, events.jsonl:
 
 def plan_fingerprint(plan: Plan) -> str:
     """sha256 of everything in a resolved plan that changes what a run computes (not where
-    it was read from or written to)."""
-    bare = dataclasses.replace(plan, source=None, output=None)
+    it was read from or written to, nor how often it checkpoints: a run with checkpoints is
+    bitwise the run without, tests/test_train_apply.py). A plan without checkpoints keeps
+    the fingerprint it always had."""
+    bare = dataclasses.replace(plan, source=None, output=None,
+                               train=dataclasses.replace(plan.train, checkpoint_every=0))
     return hashlib.sha256(repr(bare).encode()).hexdigest()
 
 

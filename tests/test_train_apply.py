@@ -120,6 +120,26 @@ def test_resume_from_a_checkpoint_is_bitwise_equal(finished, tmp_path):
         train(tiny_plan(checkpoint_every=7, seed=3), part_out, resume=True, progress=False)
 
 
+def test_checkpointing_changes_nothing_a_run_computes_so_not_its_identity(finished, tmp_path):
+    # checkpoint_every only says how much an interruption may cost: the same run with and
+    # without checkpoints is bitwise the same, and shares its plan identity, so a finished
+    # run is reused and an interrupted one resumed whatever interval either plan sets
+    from planc.runfolder import plan_fingerprint
+
+    out, _ = finished
+    every = str(tmp_path / "every-5")
+    train(tiny_plan(checkpoint_every=5), every, progress=False)
+    a, b = _tensors(os.path.join(out, "tensors.safetensors")), _tensors(os.path.join(every, "tensors.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plan_fingerprint(tiny_plan(checkpoint_every=5)) == plan_fingerprint(tiny_plan())
+    assert plan_fingerprint(tiny_plan(eval_every=20)) != plan_fingerprint(tiny_plan())   # what it evaluates, logs
+    part = str(tmp_path / "part")
+    train(tiny_plan(checkpoint_every=5), part, progress=False, stop_after=12)
+    assert train(tiny_plan(checkpoint_every=7), part, resume=True, progress=False).finished
+    c = _tensors(os.path.join(part, "tensors.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_cli_apply_writes_a_run_folder_and_maps_errors(tmp_path, capsys):
     plan_path = tmp_path / "plan.yaml"
     from planc.plan import dump_plan
