@@ -10,10 +10,18 @@ On the CPU, scaled_dot_product_attention runs on its math kernel under bfloat16:
 torch 2.13 the CPU flash-attention kernel's bfloat16 backward is the slower of the two at
 the short sequences pruning runs distil on (a MiniLM step at 16 × 32 tokens: 234 ms
 against 243, benchmarks/train_precision.py; docs/runtime.md, "Mixed precision").
+
+`precision: auto` trains in bfloat16 where this machine multiplies it faster and in
+float32 elsewhere (`choose`): on the CPU it times one product in both (bfloat16 must be
+at least `AUTO_MARGIN` faster); on a GPU it takes bfloat16 where the device supports it.
+Where bfloat16 cannot go (block-sparse kernels asked for with `sparse_kernels: true`,
+FSDP) auto is float32. The trainer records the choice in report.json and in its
+checkpoints, so a resumed run keeps the precision it began with.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
@@ -22,7 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from planc import timing
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16")       # what a run trains in; a plan may also say "auto"
+AUTO_MARGIN = 1.1                          # auto takes bfloat16 when its product is at least 10% faster
 
 
 def _device_type(module: nn.Module) -> str:
@@ -59,6 +68,41 @@ def bfloat16_speedup(repeats: int = 7) -> float:
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     ms = timing.interleaved({"float32": lambda: a32 @ b32, "bfloat16": lambda: a16 @ b16}, repeats)
     return ms["float32"] / ms["bfloat16"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `precision: auto` decided, and why (report.json's `precision`)."""
+    chosen: str
+    reason: str
+    bfloat16_speedup: Optional[float] = None
+
+    def record(self, setting: str) -> dict:
+        return {"setting": setting, "chosen": self.chosen, "reason": self.reason,
+                "bfloat16_speedup": None if self.bfloat16_speedup is None else round(self.bfloat16_speedup, 3)}
+
+
+def choose(device: str, *, sparse_kernels=False, fsdp: bool = False,
+           speedup: Optional[Callable[[], float]] = None) -> Choice:
+    """`precision: auto` on this machine: bfloat16 where its products are the faster, else
+    float32. `speedup` measures bfloat16's speed against float32's (CPU only;
+    default `bfloat16_speedup`)."""
+    if sparse_kernels is True:
+        return Choice("float32", "schedule.sparse_kernels true: the block-sparse kernels train in float32")
+    if fsdp:
+        return Choice("float32", "train.distributed fsdp does not train in bfloat16")
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Choice("bfloat16", "this GPU supports bfloat16")
+        return Choice("float32", "this GPU does not support bfloat16")
+    if device != "cpu":
+        return Choice("float32", f"bfloat16 is not measured on {device} devices")
+    ratio = (speedup or bfloat16_speedup)()
+    faster = ratio >= AUTO_MARGIN
+    said = f"bfloat16 products run at {ratio:.2f}x the float32 speed on this CPU"
+    if faster:
+        return Choice("bfloat16", said, ratio)
+    return Choice("float32", f"{said}, under the {AUTO_MARGIN:.1f}x auto asks for", ratio)
 
 
 def slower_on_this_cpu(precision: str, module: nn.Module) -> Optional[float]:

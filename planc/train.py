@@ -10,6 +10,7 @@ where the interrupted one stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -389,6 +390,28 @@ def _restore(state: dict, used: str, pruned, runtime: Runtime, opt, batches: "Ba
                              f"{' '.join(str(err).split())[:160]})") from None
 
 
+def _precision_for(plan: Plan, model, session: _Session, ranks) -> precision.Choice:
+    """The precision this run trains in: the plan's, or for `auto` the one a resumed run
+    began with (its checkpoint says), else this machine's choice (rank 0's for all ranks)."""
+    setting = plan.train.precision
+    if setting != "auto":
+        return precision.Choice(setting, "the plan's train.precision")
+    output = session.output
+    if output is not None and output.action == "resume" and isinstance(output.state, dict):
+        began = output.state.get("precision")
+        if began in precision.PRECISIONS:
+            return precision.Choice(began, "the precision this run began in (its checkpoint)")
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    choice = precision.choose(device, sparse_kernels=plan.schedule.sparse_kernels,
+                              fsdp=ranks.world > 1 and plan.train.distributed == "fsdp")
+    if ranks.world > 1:
+        agreed = distributed.broadcast_decision(torch.tensor([choice.chosen == "bfloat16"]))
+        chosen = "bfloat16" if bool(agreed[0]) else "float32"
+        if chosen != choice.chosen:
+            choice = precision.Choice(chosen, "rank 0's choice")
+    return choice
+
+
 def _train(plan: Plan, out: Optional[str], ranks, *, resume: bool, overwrite: bool, stop_after: Optional[int],
            progress: Optional[bool], threads, log: Callable[[str], None]) -> TrainResult:
     t_start = time.perf_counter()
@@ -422,7 +445,12 @@ class _Run:
         _seed_all(plan.train.seed)
         model = call_factory(plan, "model.factory")
         train_loader, self.eval_loader = call_factory(plan, "train.data")
-        self.pruned = planc_compile(model, plan)          # example inputs: the plan's shapes
+        self.precision = _precision_for(plan, model, session, ranks)
+        if plan.train.precision == "auto":
+            log(f"planc: train.precision auto: {self.precision.chosen} ({self.precision.reason})")
+        # compiled with the precision it trains in: the runtime keeps bfloat16 runs off the float32 kernels
+        trained_in = dataclasses.replace(plan, train=dataclasses.replace(plan.train, precision=self.precision.chosen))
+        self.pruned = planc_compile(model, trained_in)    # example inputs: the plan's shapes
         # the teacher is taken now, before any training (its masks are still the identity)
         self.distiller = distill.from_plan(plan, self.pruned) if plan.train.distill is not None else None
         resuming = session.output is not None and session.output.action == "resume"
@@ -450,8 +478,8 @@ class _Run:
         self.forward = DistributedDataParallel(trained) if ranks.world > 1 and not self.fsdp else trained
         self.last_loss, self.metric = float("nan"), None
         self.distill_means = IntervalMeans()
-        self.cast = precision.autocast(plan.train.precision, self.module)   # the training forward's context
-        slower = precision.slower_on_this_cpu(plan.train.precision, self.module)
+        self.cast = precision.autocast(self.precision.chosen, self.module)   # the training forward's context
+        slower = precision.slower_on_this_cpu(plan.train.precision, self.module)   # bfloat16 asked for, not chosen
         if slower is not None:
             log(f"planc: warning: on this CPU ({timing.cpu_model()}) a bfloat16 matrix product runs at "
                 f"{slower:.2f}x the float32 speed; train.precision bfloat16 will train slower than float32 here")
@@ -544,7 +572,7 @@ class _Run:
         save_state_keep_previous(self.session.checkpoint_path, {
             "format": CKPT_FORMAT, "plan": runfolder.plan_fingerprint(self.plan), "step": self.runtime.t, **state,
             "loader": self.batches.state(), "rng": _rng_state(), "history": self.history, "timings": self.timings,
-            "distill_means": self.distill_means.state(),
+            "distill_means": self.distill_means.state(), "precision": self.precision.chosen,
         })
 
     def finish(self, t_start: float) -> TrainResult:
@@ -563,6 +591,7 @@ class _Run:
         report = runfolder.make_report(plan, self.runtime, final, self.history, timings)   # collective when sharded
         # which layers trained on the block-sparse kernels, as last timed (planc.runtime.sparse_phases)
         report["sparse_kernels"] = {"setting": plan.schedule.sparse_kernels, **self.runtime.kernels.state()}
+        report["precision"] = self.precision.record(plan.train.precision)
         if self.ranks.world > 1:
             report["ranks"] = self.ranks.world
             report["distributed"] = plan.train.distributed

@@ -132,3 +132,52 @@ def test_the_bfloat16_speed_measurement_leaves_the_global_generator_alone():
     ratio = precision.bfloat16_speedup(repeats=1)
     assert ratio > 0 and ratio == ratio and ratio != float("inf")
     assert torch.equal(torch.rand(4), expected)             # the run's seeded draws are not shifted
+
+
+# ---- precision: auto ---------------------------------------------------------------------
+def _tensors_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("speedup,chosen", [(1.47, "bfloat16"), (1.05, "float32"), (0.61, "float32")])
+def test_auto_trains_in_the_precision_that_is_faster_here_and_says_which(monkeypatch, tmp_path, speedup, chosen):
+    monkeypatch.setattr(precision, "bfloat16_speedup", lambda: speedup)
+    extra = {"dropout": False, "distill": distill_section()}
+    said = []
+    auto = train(_plan(steps=16, precision="auto", **extra), str(tmp_path / "auto"), progress=False, log=said.append)
+    same = train(_plan(steps=16, precision=chosen, **extra), str(tmp_path / "same"), progress=False)
+    record = auto.report["precision"]
+    assert record["setting"] == "auto" and record["chosen"] == chosen and record["bfloat16_speedup"] == speedup
+    assert [line for line in said if "precision auto" in line] == [
+        f"planc: train.precision auto: {chosen} ({record['reason']})"]
+    assert f"{speedup:.2f}x" in record["reason"]
+    # bitwise the run of the plan that names the chosen precision
+    assert _tensors_equal(planc.runfolder.state_dict(str(tmp_path / "auto")),
+                          planc.runfolder.state_dict(str(tmp_path / "same")))
+    assert auto.pruned.pruning_runtime().kernels.setting == (False if chosen == "bfloat16" else "auto")
+    assert "precision: auto" in open(tmp_path / "auto" / "plan.yaml").read()   # the folder keeps the plan as written
+
+
+def test_auto_resumes_in_the_precision_it_began_with_on_a_machine_that_would_choose_otherwise(monkeypatch, tmp_path):
+    data = plan_data(steps=24, dropout=False, checkpoint_every=7, precision="auto", distill=distill_section())
+    plan = planc.load_plan(data)
+    monkeypatch.setattr(precision, "bfloat16_speedup", lambda: 1.5)
+    ref, part = str(tmp_path / "ref"), str(tmp_path / "part")
+    assert train(plan, ref, progress=False).report["precision"]["chosen"] == "bfloat16"
+    assert not train(plan, part, progress=False, stop_after=10).finished
+    monkeypatch.setattr(precision, "bfloat16_speedup", lambda: 0.6)      # "another machine"
+    resumed = train(plan, part, resume=True, progress=False)
+    assert resumed.finished and resumed.report["precision"]["chosen"] == "bfloat16"
+    assert "checkpoint" in resumed.report["precision"]["reason"]
+    assert _tensors_equal(planc.runfolder.state_dict(ref), planc.runfolder.state_dict(part))
+
+
+def test_auto_is_float32_where_bfloat16_cannot_train_without_measuring():
+    def measured():
+        raise AssertionError("measured bfloat16 where it cannot be chosen")
+    assert precision.choose("cpu", sparse_kernels=True, speedup=measured).chosen == "float32"
+    assert precision.choose("cpu", fsdp=True, speedup=measured).chosen == "float32"
+    assert precision.choose("cpu", sparse_kernels="auto", speedup=lambda: 1.1).chosen == "bfloat16"   # the margin
+    assert precision.choose("cpu", speedup=lambda: 1.09).chosen == "float32"
+    plan = planc.load_plan(plan_data(precision="auto"))                   # valid with every sparse_kernels
+    assert plan.train.precision == "auto" and planc.load_plan(dump_plan(plan)) == plan

@@ -166,7 +166,7 @@ class Train:
     seed: int = 0
     distributed: str = "ddp"                     # under torchrun: ddp | fsdp (planc.sharding)
     dropout: bool = True                         # False: dropout off while training
-    precision: str = "float32"                   # float32 | bfloat16 (autocast of the training forward)
+    precision: str = "float32"                   # float32 | bfloat16 (autocast of the training forward) | auto
     distill: Optional[Distill] = None            # None: train on train.loss alone
 
 
