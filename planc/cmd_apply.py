@@ -15,6 +15,7 @@ import sys
 
 from planc.plan.load import load_plan
 from planc.plan.presets import scale_schedule
+from planc.safeio import folder_argument
 
 
 HELP = "train with the plan's schedule and write a run folder"
@@ -22,7 +23,7 @@ HELP = "train with the plan's schedule and write a run folder"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", metavar="PLAN", help="the plan file (YAML)")
-    parser.add_argument("--out", metavar="DIR", default=None,
+    parser.add_argument("--out", metavar="DIR", type=folder_argument, default=None,
                         help="the run folder (default: the plan's `output`, else runs/<name>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the unfinished run of this plan in DIR (a finished one: nothing to do)")

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from planc.safeio import atomic_write_text, make_folder, refuse_foreign_outputs
+from planc.safeio import atomic_write_text, folder_argument, make_folder, refuse_foreign_outputs
 
 BENCH_FILES = ("bench.md", "bench.json")
 HELP = "benchmark the block-sparse kernels and a lowered model against dense"
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None,
                         help="comma-separated dtypes among fp32,fp16,bf16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the minimum is kept)")
-    parser.add_argument("--out", metavar="DIR", default=".", help="folder for bench.md and bench.json")
+    parser.add_argument("--out", metavar="DIR", type=folder_argument, default=".", help="folder for bench.md and bench.json")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import shlex
 import sys
 
 from planc.errors import PlanError, Problem
+from planc.safeio import folder_argument
 
 HELP = "run a family of plans (a sweep × seeds) and write one comparison table"
 
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a sweep axis; repeat for a grid (the product of all axes)")
     parser.add_argument("--seeds", metavar="N", type=int, default=None,
                         help="run seeds 0..N-1 (train.seed) of every combination")
-    parser.add_argument("--out", metavar="DIR", required=True, help="the comparison folder")
+    parser.add_argument("--out", metavar="DIR", type=folder_argument, required=True, help="the comparison folder")
     parser.add_argument("--steps", metavar="N", type=int, default=None,
                         help="override train.steps (presets re-expanded, explicit phases scaled)")
     parser.add_argument("--jobs", metavar="N", type=int, default=1, help="runs in parallel (processes)")

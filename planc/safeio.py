@@ -8,6 +8,7 @@ sees the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -126,6 +127,14 @@ def _nearest_existing(path: str) -> str:
             return path
         path = parent
     return path
+
+
+def folder_argument(text: str) -> str:
+    """The argparse type of a command's `--out`: the path as given, refused when empty or
+    blank (`--out "$UNSET"` must not fall back to a default folder or make one named " ")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return text
 
 
 def make_folder(path: str) -> None:

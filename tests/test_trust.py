@@ -422,3 +422,20 @@ def test_the_hf_callback_refuses_to_resume_another_plans_state(tmp_path):
     callback = PlancCallback(_compiled(0.25))
     with pytest.raises(RuntimeStateError, match="different plan"):
         callback._maybe_resume(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=12))
+
+
+@pytest.mark.parametrize("out", ["", " "])
+@pytest.mark.parametrize("command", ["apply", "compare", "bench"])
+def test_an_empty_out_is_refused_not_read_as_the_default(tmp_path, capsys, monkeypatch, command, out):
+    # before: `planc apply PLAN --out "$UNSET"` trained into the plan's own output folder,
+    # and bench said ": cannot create the folder"
+    _no_work(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(tiny(0.75))
+    argv = {"apply": ["apply", str(plan), "--progress", "off"], "compare": ["compare", str(plan)],
+            "bench": ["bench"]}[command]
+    status = main(argv + ["--out", out])
+    err = capsys.readouterr().err
+    assert status == 2 and "argument --out: expected a folder, got an empty path" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.yaml"]
