@@ -34,7 +34,7 @@ PRECISIONS = ("float32", "bfloat16")       # what a run trains in; a plan may al
 AUTO_MARGIN = 1.1                          # auto takes bfloat16 when its product is at least 10% faster
 
 
-def _device_type(module: nn.Module) -> str:
+def device_type(module: nn.Module) -> str:
     for p in module.parameters():
         return p.device.type
     return "cpu"
@@ -46,7 +46,7 @@ def autocast(precision: str, module: nn.Module) -> Callable[[], ContextManager]:
         return contextlib.nullcontext
     if precision != "bfloat16":
         raise ValueError(f"expected precision in {PRECISIONS}, got {precision!r}")
-    device = _device_type(module)
+    device = device_type(module)
 
     @contextlib.contextmanager
     def context():
@@ -112,7 +112,7 @@ def slower_on_this_cpu(precision: str, module: nn.Module) -> Optional[float]:
     Measured, not read off the CPU's flags: besides CPUs without bfloat16 instructions,
     where the products are emulated, an Intel Xeon that lists AVX512-BF16 but whose
     hypervisor hides AMX runs them at 0.6x float32's speed (docs/runtime.md)."""
-    if precision != "bfloat16" or _device_type(module) != "cpu":
+    if precision != "bfloat16" or device_type(module) != "cpu":
         return None
     ratio = bfloat16_speedup()
     return ratio if ratio < 1.0 else None

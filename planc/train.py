@@ -401,8 +401,7 @@ def _precision_for(plan: Plan, model, session: _Session, ranks) -> precision.Cho
         began = output.state.get("precision")
         if began in precision.PRECISIONS:
             return precision.Choice(began, "the precision this run began in (its checkpoint)")
-    device = next((p.device.type for p in model.parameters()), "cpu")
-    choice = precision.choose(device, sparse_kernels=plan.schedule.sparse_kernels,
+    choice = precision.choose(precision.device_type(model), sparse_kernels=plan.schedule.sparse_kernels,
                               fsdp=ranks.world > 1 and plan.train.distributed == "fsdp")
     if ranks.world > 1:
         agreed = distributed.broadcast_decision(torch.tensor([choice.chosen == "bfloat16"]))
